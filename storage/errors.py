@@ -1,0 +1,42 @@
+"""Typed errors. Every message names the file, URL, line or field a user can act on.
+
+`TransientError` marks the only failures worth retrying (network hiccups, 5xx);
+everything else is permanent and fails at once.
+"""
+
+
+class PipelineError(Exception):
+    """Base class: an error whose message is meant for the user, shown without a traceback."""
+
+
+class TransientError(PipelineError):
+    """A failure that may succeed on retry: timeout, connection reset, HTTP 5xx/429."""
+
+
+class DownloadError(PipelineError):
+    """A permanent download failure: 404/403/410, TLS error, bad redirect, unusable response."""
+
+
+class ChecksumMismatch(DownloadError):
+    def __init__(self, source: str, expected: str, got: str):
+        super().__init__(
+            f"checksum mismatch for {source}: expected sha256 {expected}, got {got}; "
+            "the file was discarded (if the source changed on purpose, set its new sha256)"
+        )
+        self.source, self.expected, self.got = source, expected, got
+
+
+class UnsafeArchiveError(PipelineError):
+    """An archive member that could escape the target or is not a regular file/directory."""
+
+
+class InputFormatError(PipelineError):
+    """Malformed input data; the message names the file and line or field."""
+
+
+class SchemaMismatch(PipelineError):
+    """A stored artifact does not have the Arrow schema this code expects."""
+
+
+class TrainingDiverged(PipelineError):
+    """Training produced a NaN/inf loss."""

@@ -1,0 +1,123 @@
+"""The one typed configuration. Frozen pydantic models; each step receives only its own part.
+
+Every URL and checksum can be overridden from a config file, `key=value` on the command
+line, or the environment (NEWSGROUPS_LSTM_<SOURCE>_URL / _SHA256, for air-gapped mirrors).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Source(_Frozen):
+    """One downloadable file. sha256=None means 'record what was seen' (unpinned mirror)."""
+
+    url: str
+    sha256: str | None = None
+    size: int | None = None
+    mirrors: tuple[str, ...] = ()  # tried in order when `url` fails permanently or keeps failing
+    filename: str | None = None  # defaults to the last path component of the URL
+
+    @property
+    def name(self) -> str:
+        return self.filename or self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+GLOVE_6B = Source(
+    url="https://nlp.stanford.edu/data/glove.6B.zip",
+    mirrors=("https://huggingface.co/stanfordnlp/glove/resolve/main/glove.6B.zip",),
+    sha256="617afb2fe6cbd085c235baf7a465b96f4112bd7f7ccb2b2cbd649fed9cbcf2fb",
+    size=862_182_613,
+)
+NEWS20_BYDATE = Source(
+    url="http://qwone.com/~jason/20Newsgroups/20news-bydate.tar.gz",
+    mirrors=("https://ndownloader.figshare.com/files/5975967",),
+    sha256="8f1b2514ca22a5ade8fbb9cfa5727df95fa587f4c87b786e15c759fa66d95610",
+    filename="20news-bydate.tar.gz",
+)
+NEWS20_ORIGINAL = Source(  # the 19,997-message collection the original recipe used
+    url="http://www.cs.cmu.edu/afs/cs.cmu.edu/project/theo-20/www/data/news20.tar.gz",
+    filename="news20.tar.gz",
+)
+CORPORA = {"bydate": NEWS20_BYDATE, "news20": NEWS20_ORIGINAL}
+
+
+class SourcesConfig(_Frozen):
+    corpus: Literal["bydate", "news20"] = "bydate"
+    glove: Source = GLOVE_6B
+    corpus_source: Source | None = None  # overrides the built-in source of `corpus`
+
+    @property
+    def corpus_file(self) -> Source:
+        return self.corpus_source or CORPORA[self.corpus]
+
+
+class CorpusConfig(_Frozen):
+    strip: tuple[Literal["headers", "footers", "quotes"], ...] = ()  # like sklearn's remove=
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for corpora without a test split
+    seed: int = 1337
+    max_extracted_bytes: int = 2 * 1024**3
+
+
+class GloveConfig(_Frozen):
+    dim: Literal[50, 100, 200, 300] = 50
+
+
+class TokenizeConfig(_Frozen):
+    num_words: int = Field(50_000, ge=1)  # vocabulary size (ids 1..num_words; 0 = padding)
+    lower: bool = True
+    filters: str = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
+    max_length: int = Field(1000, ge=1)
+    truncation: Literal["head", "tail", "both"] = "head"
+
+
+class EmbeddingsConfig(_Frozen):
+    oov_init: Literal["zeros", "normal"] = "normal"  # rows of words GloVe does not know
+    seed: int = 1337
+
+
+class TrainConfig(_Frozen):
+    preset: Literal["default", "seed"] = "default"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(3, ge=0)
+    seed: int = 1337
+    deployment: str | None = None  # e.g. "train-lstm/gpu": run training on that work pool
+
+
+class EvaluateConfig(_Frozen):
+    pass
+
+
+class PipelineConfig(_Frozen):
+    data_home: str | None = None  # default: $NEWSGROUPS_LSTM_HOME or ~/.cache/newsgroups-lstm
+    sources: SourcesConfig = SourcesConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    glove: GloveConfig = GloveConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def source_from_env(name: str, source: Source, environ: os._Environ | dict = os.environ) -> Source:
+    """Apply NEWSGROUPS_LSTM_<NAME>_URL / _SHA256 overrides. A new URL without a new sha256 is unpinned."""
+    prefix = f"NEWSGROUPS_LSTM_{name.upper()}"
+    url, sha = environ.get(f"{prefix}_URL"), environ.get(f"{prefix}_SHA256")
+    if not url and not sha:
+        return source
+    changes: dict = {}
+    if url:
+        changes.update(url=url, mirrors=(), size=None, sha256=None, filename=source.name)
+    if sha:
+        changes["sha256"] = sha.lower()
+    return source.model_copy(update=changes)
