@@ -224,6 +224,17 @@ class ArtifactStore:
             raise PipelineError(f"artifact {self.uri(step, key)} vanished right after it was published")
         return ref
 
+    def work_dir(self, step: str, key: str) -> Path:
+        """A private local scratch directory that survives a killed or retried attempt.
+
+        For resumable work before publish: a download's *.part file, training checkpoints.
+        Never read as an artifact; delete it with discard_work once the artifact is published.
+        """
+        return _ensure_dir((self.local_root if self.remote else Path(self.root)) / step / f".work-{key}")
+
+    def discard_work(self, step: str, key: str) -> None:
+        shutil.rmtree((self.local_root if self.remote else Path(self.root)) / step / f".work-{key}", ignore_errors=True)
+
     def remove(self, step: str, key: str) -> None:
         with self.lock(step, key):
             self.fs.delete_dir(self._path(step, key))
