@@ -31,6 +31,7 @@ from storage.errors import ChecksumMismatch, DownloadError, TransientError
 log = logging.getLogger("newsgroups_lstm")
 
 CHUNK = 1 << 20
+NET_CHUNK = 256 * 1024
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 60.0
 ATTEMPTS = 5
@@ -236,7 +237,9 @@ def _attempt(session: requests.Session, url, dest: Path, *, sha256, size, timeou
         written = have
         try:
             with open(part, "ab" if resumed else "wb") as f:
-                for block in resp.raw.stream(CHUNK, decode_content=False):
+                # read1: whatever has arrived, so bytes before a reset are kept (read(amt) would drop them);
+                # decode_content=False: the bytes on disk are the resource, whatever Content-Encoding says.
+                while block := resp.raw.read1(NET_CHUNK, decode_content=False):
                     f.write(block)
                     digest.update(block)
                     written += len(block)
