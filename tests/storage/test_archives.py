@@ -1,0 +1,143 @@
+"""storage.archives: unsafe members are refused before anything is written; corrupt archives fail loudly."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+
+import pytest
+
+from storage.archives import extract_tar, iter_archive, iter_tar, open_zip, open_zip_member, scan_tar
+from storage.errors import InputFormatError, UnsafeArchiveError
+
+
+def make_tar(path, members, mode="w:gz"):
+    """members: (name, bytes) for files, or a ready TarInfo (links, devices, dirs)."""
+    with tarfile.open(path, mode) as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+            else:
+                name, data = m
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def special(name, kind, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+def test_members_are_read_without_touching_disk(tmp_path):
+    arc = make_tar(tmp_path / "a.tar.gz", [special("top", tarfile.DIRTYPE), ("top/g/1", b"one"), ("./top/g/2", b"two")])
+    members = list(iter_tar(arc))
+    assert [(m.name, m.is_dir, m.data) for m in members] == [("top", True, None), ("top/g/1", False, b"one"), ("top/g/2", False, b"two")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("../x", b"escape"),
+        ("/etc/x", b"absolute"),
+        special("link", tarfile.SYMTYPE, "/etc/passwd"),
+        special("hard", tarfile.LNKTYPE, "top/ok.txt"),
+        special("dev", tarfile.CHRTYPE),
+        special("fifo", tarfile.FIFOTYPE),
+    ],
+    ids=["dotdot", "absolute", "symlink", "hardlink", "device", "fifo"],
+)
+def test_unsafe_member_refuses_the_whole_archive(tmp_path, bad):
+    arc = make_tar(tmp_path / "a.tar.gz", [("top/ok.txt", b"fine"), bad])
+    name = bad[0] if isinstance(bad, tuple) else bad.name
+    with pytest.raises(UnsafeArchiveError, match=name.lstrip("/").replace(".", r"\.")):
+        scan_tar(arc)
+    dest = tmp_path / "out" / "x"
+    with pytest.raises(UnsafeArchiveError):
+        extract_tar(arc, dest)
+    assert not dest.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.tar.gz"]  # nothing written, not even top/ok.txt
+
+
+def test_extract_is_all_or_nothing_and_then_complete(tmp_path):
+    arc = make_tar(tmp_path / "a.tar.gz", [("top/a.txt", b"a"), ("top/sub/b.txt", b"b")])
+    dest = extract_tar(arc, tmp_path / "out")
+    assert (dest / "top" / "a.txt").read_bytes() == b"a" and (dest / "top" / "sub" / "b.txt").read_bytes() == b"b"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_size_cap(tmp_path):
+    arc = make_tar(tmp_path / "a.tar.gz", [("a", b"x" * 600), ("b", b"x" * 600)])
+    with pytest.raises(InputFormatError, match="max_extracted_bytes"):
+        scan_tar(arc, max_bytes=1000)
+
+
+def test_corrupt_gzip_in_the_middle_raises(tmp_path):
+    # Incompressible members, so a flipped byte lands in compressed file data, not in a header.
+    import os
+
+    members = [(f"top/g/{i}", os.urandom(20_000)) for i in range(20)]
+    arc = make_tar(tmp_path / "a.tar.gz", members)
+    raw = bytearray(arc.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    arc.write_bytes(bytes(raw))
+    with pytest.raises(InputFormatError, match="a.tar.gz"):
+        list(iter_tar(arc))
+
+
+def test_truncated_tar_gz_raises(tmp_path):
+    arc = make_tar(tmp_path / "a.tar.gz", [(f"top/g/{i}", b"hello world " * 500) for i in range(50)])
+    arc.write_bytes(arc.read_bytes()[: arc.stat().st_size // 2])
+    with pytest.raises(InputFormatError, match="corrupt or truncated"):
+        list(iter_tar(arc))
+
+
+def test_not_an_archive(tmp_path):
+    html = tmp_path / "page.tar.gz"
+    html.write_bytes(b"<html><body>Moved</body></html>" * 20)
+    with pytest.raises(InputFormatError, match="not a tar"):
+        list(iter_archive(html))
+
+
+def make_zip(path, members):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+def test_zip_members_and_missing_member(tmp_path):
+    arc = make_zip(tmp_path / "v.zip", [("glove.6B.50d.txt", b"the 1 2\n")])
+    with open_zip(arc) as zf:
+        assert open_zip_member(zf, "glove.6B.50d.txt").read() == b"the 1 2\n"
+        with pytest.raises(InputFormatError, match=r"no member 'glove.6B.100d.txt'.*glove.6B.50d.txt"):
+            open_zip_member(zf, "glove.6B.100d.txt")
+    assert [m.name for m in iter_archive(arc)] == ["glove.6B.50d.txt"]
+
+
+def test_truncated_zip(tmp_path):
+    arc = make_zip(tmp_path / "v.zip", [("a.txt", b"x" * 10_000)])
+    arc.write_bytes(arc.read_bytes()[:-30])  # the central directory is at the end
+    with pytest.raises(InputFormatError, match="v.zip"):
+        open_zip(arc)
+
+
+def test_zip_unsafe_names_and_declared_size_cap(tmp_path):
+    with pytest.raises(UnsafeArchiveError, match=r"\.\./evil"):
+        open_zip(make_zip(tmp_path / "a.zip", [("../evil", b"x")]))
+    with pytest.raises(InputFormatError, match="max_extracted_bytes"):
+        open_zip(make_zip(tmp_path / "b.zip", [("a", b"0" * 5000)]), max_bytes=1000)
+
+
+def test_zip_member_crc_error(tmp_path):
+    arc = make_zip(tmp_path / "c.zip", [("a.txt", b"hello " * 1000)])
+    raw = bytearray(arc.read_bytes())
+    pos = raw.index(b"a.txt") + len("a.txt") + 5  # inside the compressed data of the first member
+    raw[pos] ^= 0xFF
+    arc.write_bytes(bytes(raw))
+    with pytest.raises(InputFormatError, match="a.txt"):
+        list(iter_archive(arc))

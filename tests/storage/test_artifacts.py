@@ -1,0 +1,146 @@
+"""storage.artifacts: atomic publish, manifests, crash and concurrency safety, schema checks."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from storage.artifacts import ArtifactStore, artifact_key, write_parquet
+from storage.errors import SchemaMismatch
+from storage.schemas import VOCAB
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def vocab_table(n=3):
+    return pa.table({"token": [f"w{i}" for i in range(n)], "id": pa.array(range(1, n + 1), pa.int32()),
+                     "count": pa.array([10] * n, pa.int64())}, schema=VOCAB)
+
+
+def build_vocab(staging: Path) -> dict:
+    rows = write_parquet(vocab_table(), staging / "vocab.parquet", VOCAB)
+    (staging / "note.txt").write_text("hello")
+    return {"rows": rows, "stats": {"answer": 42}}
+
+
+def trusted(home: str) -> list[str]:
+    return [f"{m['step']}/{m['key']}" for m in ArtifactStore(home).list()]
+
+
+def test_publish_find_and_manifest(home):
+    store = ArtifactStore(home)
+    key = artifact_key("tokens", 1, {"n": 3})
+    assert store.find("tokens", key) is None
+    ref = store.publish("tokens", key, build_vocab, version=1, params={"n": 3})
+    assert ref == store.find("tokens", key) and ref.rows == 3 and ref.uri == f"{home}/tokens/{key}"
+    manifest = store.read_manifest(ref)
+    assert manifest["step"] == "tokens" and manifest["key"] == key and manifest["params"] == {"n": 3}
+    assert manifest["stats"] == {"answer": 42} and manifest["rows"] == 3
+    assert set(manifest["files"]) == {"vocab.parquet", "note.txt"}
+    assert manifest["files"]["vocab.parquet"]["rows"] == 3 and len(manifest["files"]["note.txt"]["sha256"]) == 64
+    assert "pyarrow" in manifest["libraries"]
+    assert store.read_parquet(ref, "vocab.parquet", VOCAB).equals(vocab_table())
+    assert store.find("tokens", key, verify=True) == ref
+
+
+def test_failed_build_leaves_nothing_and_next_publish_works(home):
+    store = ArtifactStore(home)
+
+    def broken(staging: Path):
+        (staging / "vocab.parquet").write_bytes(b"half a file")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        store.publish("tokens", "k1", broken, version=1, params={})
+    assert store.find("tokens", "k1") is None and trusted(home) == []
+    assert [p.name for p in (Path(home) / "tokens").iterdir()] == []  # staging removed
+    assert store.publish("tokens", "k1", build_vocab, version=1, params={}).rows == 3
+
+
+def test_sigkill_during_build_leaves_nothing_trusted(home):
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from storage.artifacts import ArtifactStore
+        def build(staging):
+            (staging / "vocab.parquet").write_bytes(b"torn")
+            os.kill(os.getpid(), signal.SIGKILL)
+        ArtifactStore({home!r}).publish("tokens", "k1", build, version=1, params={{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], timeout=60)
+    assert proc.returncode == -9
+    store = ArtifactStore(home)
+    assert store.find("tokens", "k1") is None and trusted(home) == []
+    assert list((Path(home) / "tokens").glob(".tmp-k1-*"))  # the torn staging dir is left behind...
+    ref = store.publish("tokens", "k1", build_vocab, version=1, params={})  # ...and cleaned by the next publish
+    assert ref.rows == 3 and not list((Path(home) / "tokens").glob(".tmp-k1-*"))
+
+
+def _publish_slowly(home: str, counter: str) -> dict:
+    def build(staging: Path) -> dict:
+        with open(counter, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)  # both processes are inside publish at once
+        return build_vocab(staging)
+
+    return ArtifactStore(home).publish("tokens", "same", build, version=1, params={}).model_dump()
+
+
+def test_two_processes_publish_the_same_artifact_once(home, tmp_path):
+    counter = tmp_path / "builds.txt"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_publish_slowly, [(home, str(counter)), (home, str(counter))])
+    assert results[0] == results[1] and results[0]["rows"] == 3
+    assert counter.read_text() == "built\n"
+    assert ArtifactStore(home).find("tokens", "same", verify=True) is not None
+
+
+def test_tampered_file_is_not_trusted(home):
+    store = ArtifactStore(home)
+    ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
+    note = store.local_dir(ref) / "note.txt"
+    note.write_text("hello, tampered")
+    assert store.find("tokens", "k1") is None
+    ref = store.publish("tokens", "k1", build_vocab, version=1, params={})  # rebuilt in place of the bad one
+    assert (store.local_dir(ref) / "note.txt").read_text() == "hello"
+
+
+def test_same_size_tampering_needs_verify(home):
+    store = ArtifactStore(home)
+    ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
+    (store.local_dir(ref) / "note.txt").write_text("HELLO")
+    assert store.find("tokens", "k1") == ref and store.find("tokens", "k1", verify=True) is None
+
+
+def test_read_parquet_refuses_a_wrong_schema(home):
+    store = ArtifactStore(home)
+
+    def build(staging: Path):
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"token": ["a"], "id": pa.array([1], pa.int64()), "count": pa.array([1], pa.int64())}),
+                       staging / "vocab.parquet")
+
+    ref = store.publish("tokens", "k1", build, version=1, params={})
+    with pytest.raises(SchemaMismatch, match="'id'"):
+        store.read_parquet(ref, "vocab.parquet", VOCAB)
+    with pytest.raises(SchemaMismatch):
+        write_parquet(pa.table({"token": ["a"]}), Path(home) / "x.parquet", VOCAB)
+
+
+def test_manifest_is_json_and_missing_manifest_means_absent(home):
+    store = ArtifactStore(home)
+    ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
+    path = store.local_dir(ref) / "manifest.json"
+    assert json.loads(path.read_text())["key"] == "k1"
+    path.unlink()
+    assert store.find("tokens", "k1") is None
