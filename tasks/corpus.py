@@ -96,7 +96,10 @@ def find_layout(paths: Iterable[str], dirs: Iterable[str] = (), archive: str = "
     files, ignored = [], []
     for p in paths:
         parts = tuple(p.split("/"))
-        (ignored if any(x.startswith(".") for x in parts) else files).append(parts)
+        if any(x.startswith(".") for x in parts):
+            ignored.append(p)
+        else:
+            files.append(parts)
     dir_parts = [tuple(d.split("/")) for d in dirs if not any(x.startswith(".") for x in d.split("/"))]
     grandparents = Counter(f[:-2] for f in files if len(f) >= 2)
     if not grandparents:

@@ -1,0 +1,142 @@
+"""tasks.corpus: layouts, decoding, stripping, splits, and the task via .fn."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from storage.archives import Member
+from storage.artifacts import ArtifactStore
+from storage.errors import InputFormatError
+from storage.schemas import DOCUMENTS
+from tasks.config import CorpusConfig, Source
+from tasks.corpus import (build_corpus, build_documents, clean_text, find_layout, strip_footer, strip_headers,
+                          strip_quotes)
+from tasks.download import download
+
+MESSAGE = (
+    "From: a@b.c\nSubject: hello\n\n"
+    "In article <1@x> bob@y.z writes:\n> quoted line\nMy own words.\n|bar quoted\nMore words.\n"
+    "\n--\nAlice, alice@example.com\n"
+)
+
+
+def make_tar(path, files: dict[str, bytes], dirs=()):
+    with tarfile.open(path, "w:gz") as tar:
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def members(files: dict[str, bytes], dirs=()):
+    return [*(Member(d, True) for d in dirs), *(Member(n, False, b) for n, b in files.items())]
+
+
+# -- pure functions ----------------------------------------------------------------------------------
+def test_strip_functions_match_sklearn_semantics():
+    assert strip_headers(MESSAGE).startswith("In article")
+    assert strip_headers("no blank line") == ""
+    no_quotes = strip_quotes(MESSAGE)
+    assert "quoted line" not in no_quotes and "writes:" not in no_quotes and "bar quoted" not in no_quotes
+    assert "My own words." in no_quotes
+    footerless = strip_footer(MESSAGE)
+    assert "Alice" not in footerless and footerless.endswith("More words.\n")
+    assert strip_footer("just text") == "just text"
+    cleaned = clean_text(MESSAGE, ("quotes", "headers", "footers"))
+    assert cleaned == "My own words.\nMore words.\n"
+    assert clean_text(MESSAGE, ()) == MESSAGE
+
+
+def test_bydate_layout_with_and_without_top_folder():
+    for top in ("", "20news-bydate/"):
+        files = {f"{top}20news-bydate-train/b.grp/1": b"x", f"{top}20news-bydate-train/a.grp/2": b"y",
+                 f"{top}20news-bydate-test/a.grp/3": b"z", f"{top}20news-bydate-test/b.grp/4": b"w"}
+        layout = find_layout(files)
+        assert layout.kind == "split" and layout.groups == ["a.grp", "b.grp"]
+        assert sorted((s, g, f) for s, g, f, _ in layout.documents) == [
+            ("test", "a.grp", "3"), ("test", "b.grp", "4"), ("train", "a.grp", "2"), ("train", "b.grp", "1")]
+
+
+def test_folder_layout_ignores_stray_files_and_keeps_odd_names():
+    files = {"20_newsgroup/README": b"r", "20_newsgroup/a/doc one.txt": b"1", "20_newsgroup/b/x-2": b"2",
+             "20_newsgroup/b/.DS_Store": b"", "20_newsgroup/b/nested/deep": b"3", "LICENSE": b"l"}
+    layout = find_layout(files)
+    assert layout.kind == "folders" and layout.groups == ["a", "b"]
+    assert sorted(f for _, _, f, _ in layout.documents) == ["doc one.txt", "x-2"]
+    assert layout.ignored == sorted(["20_newsgroup/README", "20_newsgroup/b/.DS_Store", "20_newsgroup/b/nested/deep", "LICENSE"])
+
+
+def test_empty_class_folder_is_an_error_naming_it():
+    files = {"c/a/1": b"x", "c/b/2": b"y"}
+    with pytest.raises(InputFormatError, match="'c/empty'"):
+        find_layout(files, dirs=["c", "c/a", "c/b", "c/empty"], archive="arc")
+
+
+def test_train_and_test_with_different_classes_is_an_error():
+    files = {"x-train/a/1": b"", "x-train/b/2": b"", "x-test/a/3": b"", "x-test/c/4": b""}
+    with pytest.raises(InputFormatError, match=r"only in train \['b'\], only in test \['c'\]"):
+        find_layout(files)
+
+
+def test_latin1_and_empty_documents_are_kept_and_counted():
+    files = {"t-train/a/1": "café".encode("utf-8"), "t-train/a/2": "café".encode("latin-1"),
+             "t-train/b/3": b"", "t-test/a/4": b"   \n", "t-test/b/5": b"ok"}
+    table, stats = build_documents(members(files), CorpusConfig())
+    assert table.schema.equals(DOCUMENTS)
+    texts = dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
+    assert texts["train/a/1"] == texts["train/a/2"] == "café" and texts["train/b/3"] == ""
+    assert stats["latin1_fallbacks"] == 1 and stats["empty_documents"] == 2
+    assert stats["label_map"] == {"a": 0, "b": 1} and stats["documents"] == {"train": 3, "test": 2}
+    assert table.column("doc_id").to_pylist() == ["test/a/4", "test/b/5", "train/a/1", "train/a/2", "train/b/3"]
+
+
+def test_stratified_split_is_seeded_deterministic_and_stratified():
+    files = {f"c/{g}/{i}": f"{g} {i}".encode() for g in ("a", "b", "c") for i in range(10)}
+    cfg = CorpusConfig(test_fraction=0.2, seed=7)
+    one, stats = build_documents(members(files), cfg)
+    two, _ = build_documents(reversed(members(files)), cfg)
+    assert one.equals(two)
+    assert stats["per_group"] == {g: {"train": 8, "test": 2} for g in ("a", "b", "c")}
+    other, _ = build_documents(members(files), cfg.model_copy(update={"seed": 8}))
+    assert one.column("doc_id").to_pylist() != other.column("doc_id").to_pylist()
+
+
+# -- the task ----------------------------------------------------------------------------------------
+def test_build_corpus_task_with_stripping_and_cache(home, tmp_path):
+    files = {"20news-bydate-train/sci.space/1": MESSAGE.encode(), "20news-bydate-train/rec.autos/2": b"cars",
+             "20news-bydate-test/sci.space/3": b"orbit", "20news-bydate-test/rec.autos/4": "m\xe4chtig".encode("latin-1")}
+    archive = download.fn(Source(url=str(make_tar(tmp_path / "news.tar.gz", files))), data_home=home)
+    cfg = CorpusConfig(strip=("headers", "footers", "quotes"))
+    ref = build_corpus.fn(cfg, archive, data_home=home)
+    store = ArtifactStore(home)
+    table = store.read_parquet(ref, "documents.parquet", DOCUMENTS)
+    assert ref.rows == 4 and table.num_rows == 4
+    row = table.filter(table.column("doc_id").to_numpy(zero_copy_only=False) == "train/sci.space/1").to_pylist()[0]
+    assert row == {"doc_id": "train/sci.space/1", "group": "sci.space", "label": 1, "split": "train",
+                   "text": "My own words.\nMore words.\n"}
+    manifest = store.read_manifest(ref)
+    assert manifest["label_map"] == {"rec.autos": 0, "sci.space": 1} and manifest["latin1_fallbacks"] == 1
+    assert manifest["upstream"][0]["key"] == archive.key
+    mtime = (store.local_dir(ref) / "documents.parquet").stat().st_mtime_ns
+    assert build_corpus.fn(cfg, archive, data_home=home) == ref
+    assert (store.local_dir(ref) / "documents.parquet").stat().st_mtime_ns == mtime  # not rebuilt
+    assert pq.read_metadata(store.local_dir(ref) / "documents.parquet").num_rows == 4
+
+
+def test_build_corpus_rejects_an_unsafe_archive(home, tmp_path):
+    files = {"c/a/1": b"x", "c/b/2": b"y", "../evil": b"z"}
+    archive = download.fn(Source(url=str(make_tar(tmp_path / "bad.tar.gz", files))), data_home=home)
+    from storage.errors import UnsafeArchiveError
+
+    with pytest.raises(UnsafeArchiveError, match=r"\.\./evil"):
+        build_corpus.fn(CorpusConfig(), archive, data_home=home)
+    assert [m["step"] for m in ArtifactStore(home).list()] == ["downloads"]

@@ -1,0 +1,75 @@
+"""tasks.download via .fn: pinned and unpinned sources, caching without network, re-download of bad copies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import storage.download as dl
+from storage.artifacts import ArtifactStore
+from storage.errors import ChecksumMismatch
+from tasks.config import Source
+from tasks.download import download, download_key
+from tests.storage.test_download import PAYLOAD, SHA, Server, full
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch):
+    monkeypatch.setattr(dl, "sleep", lambda s: None)
+
+
+def test_pinned_source_is_cached_without_network(home):
+    with Server([full]) as srv:
+        source = Source(url=srv.url, sha256=SHA, filename="data.bin")
+        assert download_key(source) == SHA
+        ref = download.fn(source, data_home=home)
+        again = download.fn(source, data_home=home)
+    assert ref == again and ref.key == SHA and len(srv.log) == 1
+    assert (Path(ref.uri) / "data.bin").read_bytes() == PAYLOAD
+    manifest = ArtifactStore(home).read_manifest(ref)
+    assert manifest["sha256"] == SHA and manifest["url"] == srv.url and manifest["pinned"] is True
+    assert not list((Path(home) / "downloads").glob(".work-*"))
+
+
+def test_unpinned_source_records_sha_and_second_run_does_not_download(home):
+    with Server([full]) as srv:
+        source = Source(url=srv.url)
+        assert download_key(source, home) is None
+        ref = download.fn(source, data_home=home)
+        assert download_key(source, home) == SHA and ref.key == SHA
+        assert download.fn(source, data_home=home) == ref
+    assert len(srv.log) == 1
+    manifest = ArtifactStore(home).read_manifest(ref)
+    assert manifest["pinned"] is False and manifest["sha256"] == SHA
+    index = json.loads(next((Path(home) / "downloads" / ".urls").glob("*.json")).read_text())
+    assert index == {"url": srv.url, "sha256": SHA}
+
+
+def test_cached_file_with_wrong_size_is_downloaded_again(home):
+    with Server([full]) as srv:
+        source = Source(url=srv.url, sha256=SHA)
+        ref = download.fn(source, data_home=home)
+        (Path(ref.uri) / source.name).write_bytes(PAYLOAD[:100])
+        again = download.fn(source, data_home=home)
+    assert len(srv.log) == 2 and (Path(again.uri) / source.name).read_bytes() == PAYLOAD
+
+
+def test_checksum_mismatch_caches_nothing_and_next_run_downloads_again(home):
+    with Server([full], body=b"an error page") as srv:
+        source = Source(url=srv.url, sha256=SHA)
+        for _ in range(2):
+            with pytest.raises(ChecksumMismatch):
+                download.fn(source, data_home=home)
+    assert len(srv.log) == 2 and ArtifactStore(home).list() == []
+
+
+def test_file_url_and_plain_path_sources(home, tmp_path):
+    src = tmp_path / "archive.tar.gz"
+    src.write_bytes(b"payload")
+    sha = hashlib.sha256(b"payload").hexdigest()
+    a = download.fn(Source(url=src.as_uri()), data_home=home)
+    b = download.fn(Source(url=str(src), sha256=sha), data_home=home)
+    assert a.key == b.key == sha and (Path(a.uri) / "archive.tar.gz").read_bytes() == b"payload"
