@@ -97,9 +97,8 @@ def build_config(config_files: list[str], overrides: list[str], preset: str | No
     from tasks import config as config_module
 
     data: dict = {}
-    if preset:
-        preset_values = getattr(config_module, "PRESETS", {}).get(preset)
-        _merge(data, json.loads(json.dumps(preset_values)) if preset_values else {"train": {"preset": preset}})
+    if preset:  # the preset's full settings, so files and KEY=VALUE can still adjust single fields
+        data = config_module.with_preset(config_module.PipelineConfig(), preset).model_dump(mode="json")
     for path in config_files:
         _merge(data, load_config_file(path))
     for item in overrides:
@@ -405,11 +404,27 @@ def _quiet_defaults(verbose: bool) -> None:
         # Run logs still reach the Prefect API/UI; only the console copy (with tracebacks) is silenced.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         progress = logging.getLogger("newsgroups_lstm.progress")
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
-        progress.addHandler(handler)
+        if not any(isinstance(h, _StderrHandler) for h in progress.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+            progress.addHandler(handler)
         progress.setLevel(logging.INFO)
         progress.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced after set-up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,9 +58,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
     # Both downloads at once; each archive is processed as soon as it is there.
     glove_src, corpus_src = config.sources.glove, config.sources.corpus_file
     glove_dl = report.submit("download-glove", download.download, store, download.STEP,
-                             download.download_key(glove_src), glove_src, data_home=home)
+                             download.download_key(glove_src, home), glove_src, data_home=home)
     corpus_dl = report.submit("download-corpus", download.download, store, download.STEP,
-                              download.download_key(corpus_src), corpus_src, data_home=home)
+                              download.download_key(corpus_src, home), corpus_src, data_home=home)
     corpus_archive = corpus_dl.result()
     documents_future = report.submit("corpus", corpus.build_corpus, store, corpus.STEP,
                                      corpus.corpus_key(config.corpus, corpus_archive),

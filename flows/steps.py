@@ -68,7 +68,8 @@ class StepReport:
 
     def _record(self, name: str, state, seconds: float) -> None:
         with self._lock:
-            self.steps.setdefault(name, {}).update(state=state.name, seconds=round(seconds, 3))
+            self.steps.setdefault(name, {}).update(state=state.name, seconds=round(seconds, 3),
+                                                   task_run_id=str(state.state_details.task_run_id))
         say(f"{name}: {state.name} in {seconds:.1f} s")
 
     def _note_ref(self, name: str, ref: ArtifactRef) -> None:

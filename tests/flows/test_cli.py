@@ -1,0 +1,86 @@
+"""The `newsgroups-lstm` command: help, exit codes, config mapping, inspect output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_config, main
+from tests.flows.conftest import REPO_ROOT, tiny_config_dict
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["data"], ["inspect"], ["predict"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == EXIT_OK
+    assert "usage: newsgroups-lstm" in capsys.readouterr().out
+
+
+def test_console_script_runs_help():
+    script = REPO_ROOT / ".venv" / "bin" / "newsgroups-lstm"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+    done = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "inspect" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["run", "--until", "nowhere"], ["run", "train.epochs=many"],
+                                  ["run", "no_such_section.x=1"], ["run", "train.epochs"], ["run", "-c", "missing.toml"]])
+def test_usage_and_config_errors_exit_2_with_one_line(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()
+
+
+def test_config_precedence_preset_then_file_then_overrides(tmp_path):
+    file = tmp_path / "cfg.toml"
+    file.write_text('[train]\nepochs = 4\nbatch_size = 16\n[tokenize]\nmax_length = 100\n')
+    cfg = build_config([str(file)], ["train.epochs=2", "corpus.strip=headers,quotes", "sources.corpus=news20"],
+                       preset="seed", data_home=str(tmp_path / "h"))
+    assert cfg.train.preset == "seed" and cfg.train.architecture == "lstm_last"  # from the preset
+    assert cfg.tokenize.num_words == 20_000  # the seed preset's tokenizer setting
+    assert cfg.train.batch_size == 16 and cfg.tokenize.max_length == 100  # the file beats the preset
+    assert cfg.train.epochs == 2  # KEY=VALUE beats the file
+    assert cfg.corpus.strip == ("headers", "quotes") and cfg.sources.corpus == "news20"
+    assert cfg.data_home == str(tmp_path / "h")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_data_then_inspect_then_a_failing_run(tiny_sources, home, tmp_path, capsys):
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(tiny_config_dict(tiny_sources, home)))
+
+    assert main(["data", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "cache hits: 0/4" in out and "corpus" in out and home in out
+
+    assert main(["inspect", "--data-home", home]) == EXIT_OK
+    listing = capsys.readouterr().out
+    for step in ("downloads", "corpus", "glove"):
+        assert step in listing
+    corpus_key = next(line.split()[1] for line in listing.splitlines() if line.startswith("corpus "))
+
+    assert main(["inspect", f"corpus/{corpus_key[:8]}", "--data-home", home, "--rows", "2"]) == EXIT_OK
+    shown = capsys.readouterr().out
+    assert '"step": "corpus"' in shown and "documents.parquet: 180 rows" in shown and "doc_id: string" in shown
+
+    assert main(["inspect", "--lineage", f"corpus/{corpus_key}", "--data-home", home]) == EXIT_OK
+    assert "└── downloads/" in capsys.readouterr().out
+
+    assert main(["inspect", "runs/nothing", "--data-home", home]) == EXIT_USAGE
+
+    # A pipeline failure: exit 1, one line naming the problem, no traceback.
+    bad = tiny_config_dict(tiny_sources, home)
+    bad["sources"]["corpus_source"]["sha256"] = "0" * 64
+    bad["sources"]["corpus_source"]["url"] += "?changed"  # not the cached download
+    config.write_text(json.dumps(bad))
+    assert main(["data", "-c", str(config)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "Traceback" not in err
