@@ -30,11 +30,11 @@ from tasks.config import EmbeddingsConfig
 TOP_MISSING = 50
 
 
-def vector_rows(vectors: pa.Table) -> np.ndarray:
-    """The `vector` column as a (rows, dim) float32 array (zero-copy where Arrow allows)."""
-    column = vectors["vector"].combine_chunks()
-    dim = column.type.list_size
-    return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dim)
+def vector_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed_size_list<float32>[dim] column as a (rows, dim) float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
 
 
 def embedding_matrix(vocab: pa.Table, vectors: pa.Table, oov_init: str = "zeros", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -42,17 +42,20 @@ def embedding_matrix(vocab: pa.Table, vectors: pa.Table, oov_init: str = "zeros"
     if oov_init not in ("zeros", "normal"):
         raise ValueError(f"oov_init must be 'zeros' or 'normal', got {oov_init!r}")
     ids = vocab["id"].to_numpy()
-    rows = vector_rows(vectors)
-    matrix = np.zeros((int(ids.max(initial=0)) + 1, rows.shape[1]), dtype=np.float32)
-    found = pc.index_in(vocab["token"], value_set=vectors["word"].combine_chunks())  # first match per word
-    hit_mask = found.is_valid().to_numpy(zero_copy_only=False)
-    matrix[ids[hit_mask]] = rows[found.filter(found.is_valid()).to_numpy()]
+    dim = vectors.schema.field("vector").type.list_size
+    matrix = np.zeros((int(ids.max(initial=0)) + 1, dim), dtype=np.float32)
+    # Probe every vector word against the (small) vocabulary, then copy only the matching rows.
+    position = pc.index_in(vectors["word"], value_set=vocab["token"].combine_chunks())
+    found = position.is_valid()
+    rows = np.flatnonzero(found.to_numpy(zero_copy_only=False))
+    words, first = np.unique(position.filter(found).to_numpy(), return_index=True)  # a repeated word keeps its first vector
+    matrix[ids[words]] = vector_rows(vectors["vector"].take(rows[first]))
     hit = np.zeros(len(matrix), dtype=bool)
-    hit[ids[hit_mask]] = True
-    miss_ids = np.sort(ids[~hit_mask])
-    if oov_init == "normal" and hit_mask.any() and len(miss_ids):
+    hit[ids[words]] = True
+    miss_ids = np.flatnonzero(~hit[1:]) + 1
+    if oov_init == "normal" and hit.any() and len(miss_ids):
         known = matrix[hit]
-        draws = np.random.default_rng(seed).normal(known.mean(axis=0), known.std(axis=0), size=(len(miss_ids), matrix.shape[1]))
+        draws = np.random.default_rng(seed).normal(known.mean(axis=0), known.std(axis=0), size=(len(miss_ids), dim))
         matrix[miss_ids] = draws.astype(np.float32)
     return matrix, hit
 

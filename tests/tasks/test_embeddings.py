@@ -92,3 +92,10 @@ def test_vectors_with_wrong_schema_are_refused(home):
     vectors = publish(home, "glove", "g1", "vectors.parquet", bad, bad_schema)
     with pytest.raises(SchemaMismatch, match="vector"):
         build_embeddings.fn(EmbeddingsConfig(), tokens, vectors, data_home=home)
+
+
+def test_a_repeated_vector_word_keeps_its_first_vector():
+    table = vectors_table(["cat", "dog", "cat", "the", "mat"], VECTORS)
+    matrix, hit = embedding_matrix(vocab_table(["cat"]), table)
+    np.testing.assert_array_equal(matrix[1], VECTORS[0])
+    assert hit.tolist() == [False, True]
