@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -84,3 +85,40 @@ def test_a_permanent_failure_fails_the_flow_without_retry(tiny_config):
     config = tiny_config.model_copy(update={"sources": tiny_config.sources.model_copy(update={"corpus_source": wrong})})
     with pytest.raises(ChecksumMismatch):
         pipeline(config, until="data")
+
+
+@pytest.mark.parametrize("outcome", ["failed", "completed-elsewhere"])
+def test_training_deployment_outcome_is_checked(tiny_config, monkeypatch, outcome):
+    """run_deployment does not raise: a failed child, or one whose artifacts are not in our data home,
+    must fail the parent with a message saying why."""
+    import uuid
+
+    import prefect.deployments
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Completed, Failed
+
+    from flows.pipeline import pipeline
+    from storage.errors import PipelineError
+
+    calls = []
+
+    def fake_run_deployment(name, parameters=None, idempotency_key=None, **_):
+        json.dumps(parameters)  # parameters travel through the API: JSON only
+        calls.append((name, parameters, idempotency_key))
+        state = Failed(message="Flow run encountered an exception: TrainingDiverged: loss became NaN in epoch 2") \
+            if outcome == "failed" else Completed()
+        return FlowRun(flow_id=uuid.uuid4(), name="gentle-otter", state=state, work_pool_name="gpu")
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    config = tiny_config.model_copy(
+        update={"train": tiny_config.train.model_copy(update={"deployment": "train-lstm/gpu"})})
+    with pytest.raises(PipelineError) as error:
+        pipeline(config)
+    message = str(error.value)
+    if outcome == "failed":
+        assert "TrainingDiverged: loss became NaN in epoch 2" in message and "gentle-otter" in message
+    else:
+        assert "same data home" in message
+    (name, parameters, key), = calls
+    assert name == "train-lstm/gpu" and parameters["train"]["deployment"] is None
+    assert parameters["data_home"] == tiny_config.data_home and "-train-" in key
