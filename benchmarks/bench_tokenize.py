@@ -112,7 +112,11 @@ def main() -> None:
     rules = Rules()
     httpd = serve(args.data)
     base = f"http://127.0.0.1:{httpd.server_port}"
-    home = tempfile.mkdtemp(prefix="bench-tokenize-home-")
+    with tempfile.TemporaryDirectory(prefix="bench-tokenize-home-") as home:
+        run(args, results, rules, base, home, httpd)
+
+
+def run(args, results: dict, rules: Rules, base: str, home: str, httpd) -> None:
     store = ArtifactStore(home)
     fetch = {name: download.fn(Source(url=f"{base}/{name}", sha256=SHA256[name]), data_home=home) for name in SHA256}
     news20 = build_corpus.fn(CorpusConfig(), fetch["news20.tar.gz"], data_home=home)
@@ -191,7 +195,7 @@ def main() -> None:
         m = np.load(store.local_dir(emb) / "matrix.npy", mmap_mode="r")
         return v.num_rows, s.num_rows, m.shape
 
-    reload_s, _ = timed(warm_reload, max(args.repeats, 5))
+    reload_s, _ = timed(warm_reload, max(args.repeats, 10))
     results["embeddings_bydate_20000"] = {
         "recipe_glove_parse_s": round(parse_s, 3), "recipe_matrix_loop_s": round(loop_s, 4),
         "ours_matrix_s": round(pure_s, 4), "matrix_speedup": round(loop_s / pure_s, 2),
