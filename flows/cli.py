@@ -400,6 +400,8 @@ def _quiet_defaults(verbose: bool) -> None:
     # The first start of the embedded API on a fresh PREFECT_HOME runs DB migrations (can exceed 60 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Prefect creates its home without parents; a missing parent makes the embedded API fail to start.
+    Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     if not verbose:
         # Run logs still reach the Prefect API/UI; only the console copy (with tracebacks) is silenced.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
