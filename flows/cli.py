@@ -303,11 +303,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"run {step}/{key} is incomplete or damaged in {store.root}")
     from tasks.predict import predict
 
-    labels, probabilities = _predictions(predict(store.local_dir(ref), texts))
     results = []
-    for text, label, probs in zip(texts, labels, probabilities):
-        top = sorted(probs.items(), key=lambda kv: kv[1], reverse=True)[: args.top]
-        results.append({"text": text, "label": label, "top": [{"label": k, "probability": float(v)} for k, v in top]})
+    for text, prediction in zip(texts, predict(store.local_dir(ref), texts)):
+        top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[: args.top]
+        results.append({"text": text, "label": prediction.label,
+                        "top": [{"label": k, "probability": float(v)} for k, v in top]})
     if args.json:
         print(json.dumps({"run": f"{step}/{key}", "predictions": results}, indent=2))
         return EXIT_OK
@@ -317,18 +317,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
         print(f"{r['label']}\t{top}\t{snippet}")
     return EXIT_OK
-
-
-def _predictions(output: Any) -> tuple[list[str], list[dict[str, float]]]:
-    """Normalise tasks.predict.predict's output to (labels, [{label: probability}])."""
-    if isinstance(output, dict):
-        labels, probabilities = output["labels"], output["probabilities"]
-    elif isinstance(output, tuple) and len(output) == 2:
-        labels, probabilities = output
-    else:  # a list of per-text records
-        labels = [o["label"] for o in output]
-        probabilities = [o["probabilities"] for o in output]
-    return list(labels), [dict(p) for p in probabilities]
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -84,3 +84,29 @@ def test_data_then_inspect_then_a_failing_run(tiny_sources, home, tmp_path, caps
     assert main(["data", "-c", str(config)]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "Traceback" not in err
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_run_prints_metrics_then_predict_classifies_text(tiny_sources, home, tmp_path, capsys, monkeypatch):
+    import io
+
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(tiny_config_dict(tiny_sources, home)))
+    assert main(["run", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "accuracy:" in out and "macro-F1:" in out and "cache hits: 0/8" in out
+
+    assert main(["predict", "rocket launch orbit", "senate vote", "--data-home", home, "--json", "--top", "2"]) \
+        == EXIT_OK
+    result = json.loads(capsys.readouterr().out)
+    assert result["run"].startswith("runs/") and len(result["predictions"]) == 2
+    for prediction in result["predictions"]:
+        assert prediction["label"] in {"rec.autos", "sci.space", "talk.politics"}
+        assert len(prediction["top"]) == 2 and prediction["top"][0]["label"] == prediction["label"]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("car engine\nmoon comet\n"))
+    assert main(["predict", "-", "--lines", "--data-home", home]) == EXIT_OK
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in {"rec.autos", "sci.space", "talk.politics"} for line in lines)
+
+    assert main(["predict", "--run", "corpus/", "text", "--data-home", home]) == EXIT_USAGE
