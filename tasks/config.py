@@ -84,18 +84,47 @@ class EmbeddingsConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    preset: Literal["default", "seed"] = "default"
-    epochs: int = Field(20, ge=1)
+    """Model and training. The field defaults ARE the `default` preset; `seed` is in TRAIN_PRESETS."""
+
+    preset: Literal["default", "seed"] = "default"  # which preset these fields came from (a label)
+    # bilstm_pool: bidirectional LSTM, masked max+mean pooling over time;
+    # lstm_last: one LSTM read up to each document's last token (the original recipe, no Dense(1) bottleneck)
+    architecture: Literal["bilstm_pool", "lstm_last"] = "bilstm_pool"
+    lstm_units: int = Field(64, ge=1)
+    lstm_max_tokens: int | None = Field(400, ge=1)  # the LSTM reads the first N tokens; pooled branches read all
+    swem_branch: bool = True  # masked max+mean of the word vectors (SWEM)
+    bow_branch: bool = True  # a linear bag-of-words branch (per-word class scores, trained from zero)
+    embedding_dropout: float = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)
+    dropout: float = Field(0.3, ge=0, lt=1)  # before the classifier
+    unfreeze_embeddings_after: int | None = Field(1, ge=0)  # epochs of frozen GloVe; None = frozen throughout
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
-    validation_fraction: float = Field(0.1, gt=0, lt=1)
-    patience: int = Field(3, ge=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    validation_fraction: float = Field(0.1, gt=0, lt=1)  # slice of the TRAIN split for early stopping
+    patience: int = Field(3, ge=0)  # epochs without a better validation accuracy before stopping
     seed: int = 1337
     deployment: str | None = None  # e.g. "train-lstm/gpu": run training on that work pool
 
 
+# The original recipe: 20,000 words, 1,000 tokens, frozen GloVe, LSTM(100), input dropout 0.2,
+# Adam, 5 epochs, batch 32 (minus its Dense(1)+sigmoid bottleneck and the cuDNN-blocking recurrent_dropout).
+TRAIN_PRESETS: dict[str, dict] = {
+    "default": {},
+    "seed": dict(
+        architecture="lstm_last", lstm_units=100, lstm_max_tokens=None, swem_branch=False, bow_branch=False,
+        embedding_dropout=0.2, dropout=0.0, unfreeze_embeddings_after=None, epochs=5, batch_size=32,
+        learning_rate=1e-3, lr_schedule="constant", patience=5,
+    ),
+}
+TOKENIZE_PRESETS: dict[str, dict] = {
+    "default": {name: TokenizeConfig.model_fields[name].default for name in ("num_words", "max_length")},
+    "seed": dict(num_words=20_000, max_length=1000),
+}
+
+
 class EvaluateConfig(_Frozen):
-    pass
+    batch_size: int = Field(256, ge=1)  # documents per prediction batch
 
 
 class PipelineConfig(_Frozen):
@@ -107,6 +136,16 @@ class PipelineConfig(_Frozen):
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def with_preset(cfg: PipelineConfig, name: str) -> PipelineConfig:
+    """`cfg` with the training preset `name` applied (and the tokenizer settings that preset needs)."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    train = TrainConfig(**{**TrainConfig().model_dump(), "seed": cfg.train.seed, "deployment": cfg.train.deployment,
+                           **TRAIN_PRESETS[name], "preset": name})
+    tokenize = cfg.tokenize.model_copy(update=TOKENIZE_PRESETS[name])
+    return cfg.model_copy(update={"train": train, "tokenize": tokenize})
 
 
 def source_from_env(name: str, source: Source, environ: os._Environ | dict = os.environ) -> Source:

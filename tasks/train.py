@@ -1,0 +1,148 @@
+"""tokens + embeddings -> runs/<key>/: a trained Keras classifier that can classify raw text on its own.
+
+The run directory holds model.keras, history.parquet + curves.png (training curves),
+labels.json (group name of every label), and copies of the tokens artifact's vocab.parquet
+and tokenizer.json, so tasks/predict.py needs nothing but the run directory.
+
+The model and the training loop live in tasks/model.py (pure Keras, any backend); this
+module reads the artifacts, calls it, and writes the run. Training checkpoints go to the
+store's work_dir for the run key: a killed or retried training resumes from its last
+finished epoch, and the checkpoints are discarded once the run is published.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key, write_parquet
+from storage.errors import InputFormatError
+from storage.schemas import SEQUENCES
+from tasks.common import step_logger, step_task
+from tasks.config import TrainConfig
+
+HISTORY = pa.schema(
+    [
+        ("epoch", pa.int32()),
+        ("loss", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("val_loss", pa.float64()),
+        ("val_accuracy", pa.float64()),
+        ("learning_rate", pa.float64()),
+        ("seconds", pa.float64()),
+    ]
+)
+RUN_FILES = ("model.keras", "history.parquet", "curves.png", "labels.json", "vocab.parquet", "tokenizer.json")
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+def split_sequences(table: pa.Table) -> list[np.ndarray]:
+    """The `ids` column as one int32 array per row (views into a single buffer, no Python loop per id)."""
+    ids = table["ids"].combine_chunks() if isinstance(table["ids"], pa.ChunkedArray) else table["ids"]
+    offsets = ids.offsets.to_numpy()
+    values = ids.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    values = values[offsets[0] : offsets[-1]]
+    return np.split(values, offsets[1:-1] - offsets[0])
+
+
+def history_table(history: Sequence[dict]) -> pa.Table:
+    return pa.table({name: [row.get(name) for row in history] for name in HISTORY.names}, schema=HISTORY)
+
+
+def plot_curves(history: Sequence[dict], path: str | Path, title: str = "training") -> None:
+    """Loss and accuracy per epoch, training vs validation slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.plot(epochs, [row[metric] for row in history], "o-", label="train")
+        ax.plot(epochs, [row[f"val_{metric}"] for row in history], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def label_names(store: ArtifactStore, tokens: ArtifactRef, n_labels: int) -> list[str]:
+    """Group name of each label, read from the corpus the tokens came from; "label <i>" if unreachable."""
+    from storage.schemas import DOCUMENTS
+
+    manifest = store.read_manifest(tokens) or {}
+    for up in manifest.get("upstream", []):
+        if up.get("step") != "corpus":
+            continue
+        corpus = store.find("corpus", up["key"])
+        if corpus is None:
+            break
+        table = store.read_parquet(corpus, "documents.parquet", DOCUMENTS, columns=["label", "group"])
+        pairs = dict(zip(table["label"].to_pylist(), table["group"].to_pylist()))
+        return [pairs.get(i, f"label {i}") for i in range(max(n_labels, len(pairs)))]
+    return [f"label {i}" for i in range(n_labels)]
+
+
+# -- step -------------------------------------------------------------------------------------------
+STEP = "runs"
+VERSION = 1
+
+
+def run_key(cfg: TrainConfig, tokens: ArtifactRef, embeddings: ArtifactRef) -> str:
+    # Where training runs (deployment) does not change what it produces.
+    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json", exclude={"deployment"}), [tokens, embeddings])
+
+
+def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str, out: Path) -> dict:
+    """Train and write the run files into `out`; returns the manifest extras."""
+    from tasks.model import fit_classifier  # imports Keras
+
+    log = step_logger()
+    table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["label", "split", "ids"])
+    train_rows = np.flatnonzero(table["split"].to_numpy(zero_copy_only=False) == "train")
+    if len(train_rows) == 0:
+        raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'train'")
+    sequences = split_sequences(table)
+    labels = table["label"].to_numpy(zero_copy_only=False).astype(np.int32)
+    tokens_dir = store.local_dir(tokens)
+    rules = json.loads((tokens_dir / "tokenizer.json").read_text())
+    max_length = int(rules.get("max_length") or max(len(s) for s in sequences) or 1)
+    matrix = np.load(store.local_dir(embeddings) / "matrix.npy")
+    names = label_names(store, tokens, int(labels.max()) + 1)
+
+    model, history, summary = fit_classifier(
+        cfg, [sequences[i] for i in train_rows], labels[train_rows], matrix, len(names), max_length,
+        store.work_dir(STEP, key), log,
+    )
+    model.save(out / "model.keras")
+    write_parquet(history_table(history), out / "history.parquet", HISTORY)
+    plot_curves(history, out / "curves.png", title=f"run {key} ({cfg.preset} preset)")
+    (out / "labels.json").write_text(json.dumps(names, indent=2) + "\n")
+    for name in ("vocab.parquet", "tokenizer.json"):
+        shutil.copyfile(tokens_dir / name, out / name)
+    log.info("run %s: best validation accuracy %.4f at epoch %d of %d (%s on %s)", key,
+             summary["best_val_accuracy"] or 0.0, summary["best_epoch"], summary["epochs_run"], summary["backend"], summary["device"])
+    return {"rows": int(len(train_rows)), "training": summary, "backend": summary["backend"], "device": summary["device"],
+            "max_length": max_length, "classes": len(names)}
+
+
+@step_task("train")
+def train(cfg: TrainConfig, tokens: ArtifactRef, embeddings: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
+    store = ArtifactStore(data_home)
+    key = run_key(cfg, tokens, embeddings)
+    ref = store.publish(
+        STEP, key, build=lambda out: write_run(cfg, store, tokens, embeddings, key, out), version=VERSION,
+        params=cfg.model_dump(mode="json"), upstream=[tokens, embeddings],
+    )
+    store.discard_work(STEP, key)  # checkpoints are only needed until the run is published
+    return ref

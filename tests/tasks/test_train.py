@@ -1,0 +1,292 @@
+"""Training: learns, resumes after a kill, fails clearly on NaN, copes with empty documents, buckets by length."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.errors import InputFormatError, TrainingDiverged
+from tasks.config import PipelineConfig, TrainConfig, with_preset
+from tests.tasks._training_data import publish_inputs, synthetic_sequences, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run trained through the task wrapper (shared by the read-only tests below)."""
+    from tasks.train import train
+
+    home = str(tmp_path_factory.mktemp("home"))
+    tokens, embeddings, documents = publish_inputs(home)
+    cfg = tiny_config()
+    ref = train.fn(cfg, tokens, embeddings, data_home=home)
+    return home, cfg, tokens, embeddings, ref, documents
+
+
+# -- the task ----------------------------------------------------------------------------------------
+def test_run_holds_everything_needed_to_classify_and_learns(trained):
+    from tasks.model import load_model, predict_proba
+    from tasks.train import split_sequences
+
+    home, cfg, tokens, embeddings, ref, _ = trained
+    store = ArtifactStore(home)
+    run_dir = store.local_dir(ref)
+    for name in ("model.keras", "history.parquet", "curves.png", "labels.json", "vocab.parquet", "tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run_dir / "labels.json").read_text()) == ["comp.graphics", "rec.sport.hockey", "sci.space", "talk.politics"]
+    history = pq.read_table(run_dir / "history.parquet").to_pylist()
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(np.isfinite(row["loss"]) and np.isfinite(row["val_loss"]) for row in history)
+
+    manifest = store.read_manifest(ref)
+    assert manifest["backend"] == "tensorflow" and manifest["device"] == "cpu"
+    assert manifest["training"]["epochs_run"] == 2 and manifest["training"]["resumed_from_epoch"] == 0
+    assert manifest["upstream"] == [{"step": t.step, "key": t.key, "uri": t.uri} for t in (tokens, embeddings)]
+    assert not (Path(home) / "runs" / f".work-{ref.key}").exists(), "checkpoints are discarded once published"
+
+    # Accuracy on the held-out test split, far above chance (0.25).
+    table = pq.read_table(store.local_dir(tokens) / "sequences.parquet")
+    test = table.filter(np.asarray(table["split"].to_pylist()) == "test")
+    probs = predict_proba(load_model(run_dir / "model.keras"), split_sequences(test), 40)
+    accuracy = float((probs.argmax(1) == np.asarray(test["label"].to_pylist())).mean())
+    assert accuracy > 0.8, accuracy
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+
+
+def test_second_call_is_a_store_hit(trained):
+    from tasks.train import train
+
+    home, cfg, tokens, embeddings, ref, _ = trained
+    before = ArtifactStore(home).read_manifest(ref)["created"]
+    assert train.fn(cfg, tokens, embeddings, data_home=home) == ref
+    assert ArtifactStore(home).read_manifest(ref)["created"] == before
+
+
+def test_run_key_follows_training_params_and_inputs_not_the_deployment():
+    from tasks.train import run_key
+
+    tokens = ArtifactRef(step="tokens", key="t1", uri="/x/tokens/t1")
+    matrix = ArtifactRef(step="embeddings", key="e1", uri="/x/embeddings/e1")
+    other = ArtifactRef(step="embeddings", key="e2", uri="/x/embeddings/e2")
+    cfg = TrainConfig()
+    assert run_key(cfg, tokens, matrix) == run_key(TrainConfig(), tokens, matrix)
+    assert run_key(cfg, tokens, matrix) != run_key(cfg.model_copy(update={"epochs": 3}), tokens, matrix)
+    assert run_key(cfg, tokens, matrix) != run_key(cfg, tokens, other)
+    assert run_key(cfg, tokens, matrix) == run_key(cfg.model_copy(update={"deployment": "train-lstm/gpu"}), tokens, matrix)
+
+
+def test_presets():
+    seed = with_preset(PipelineConfig(), "seed")
+    assert (seed.tokenize.num_words, seed.tokenize.max_length) == (20_000, 1000)
+    assert seed.train.preset == "seed" and seed.train.architecture == "lstm_last" and seed.train.lstm_units == 100
+    assert seed.train.unfreeze_embeddings_after is None and (seed.train.epochs, seed.train.batch_size) == (5, 32)
+    assert not seed.train.bow_branch and not seed.train.swem_branch
+    default = with_preset(seed, "default")
+    assert default.train == TrainConfig() and default.tokenize.num_words == PipelineConfig().tokenize.num_words
+    with pytest.raises(ValueError, match="unknown preset"):
+        with_preset(PipelineConfig(), "fastest")
+
+
+# -- resume after a kill -------------------------------------------------------------------------------
+KILL_AFTER_FIRST_EPOCH = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from storage.artifacts import ArtifactRef
+    from tasks import model
+    from tasks.config import TrainConfig
+    from tasks.train import train
+
+    save = model.EpochCheckpoint._save
+    def save_then_die(self, epoch, improved, stopped):
+        save(self, epoch, improved, stopped)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: like the OOM killer
+    model.EpochCheckpoint._save = save_then_die
+    args = json.loads(sys.argv[1])
+    train.fn(TrainConfig(**args["cfg"]), ArtifactRef(**args["tokens"]), ArtifactRef(**args["embeddings"]), data_home=args["home"])
+    """
+)
+
+
+def test_killed_training_resumes_from_its_last_finished_epoch(home):
+    from tasks.train import run_key, train
+
+    tokens, embeddings, _ = publish_inputs(home, seed=1)
+    cfg = tiny_config(epochs=3)
+    args = {"cfg": cfg.model_dump(mode="json"), "tokens": tokens.model_dump(), "embeddings": embeddings.model_dump(), "home": home}
+    child = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_EPOCH, json.dumps(args)], cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240)
+    assert child.returncode == -9, child.stderr[-2000:]
+    store = ArtifactStore(home)
+    key = run_key(cfg, tokens, embeddings)
+    assert store.find("runs", key) is None, "a killed training publishes nothing"
+    assert [p.name for p in sorted(store.work_dir("runs", key).glob("ckpt-*"))] == ["ckpt-0001"]
+
+    ref = train.fn(cfg, tokens, embeddings, data_home=home)
+    training = store.read_manifest(ref)["training"]
+    assert training["resumed_from_epoch"] == 1, "epoch 1 must not be trained again"
+    assert training["epochs_run"] == 3
+    history = pq.read_table(store.local_dir(ref) / "history.parquet").to_pylist()
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from tasks.model import fit_classifier
+
+    sequences, labels, matrix = synthetic_sequences()
+    cfg = tiny_config(epochs=2)
+    _, _, first = fit_classifier(cfg, sequences, labels, matrix, 3, 30, tmp_path)
+    assert first["epochs_run"] == 2
+    (tmp_path / "ckpt-0002" / "state.weights.h5").write_bytes(b"torn")  # e.g. a disk-full write
+    _, history, again = fit_classifier(cfg.model_copy(update={"epochs": 3}), sequences, labels, matrix, 3, 30, tmp_path)
+    assert again["resumed_from_epoch"] == 1
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+# -- failures -----------------------------------------------------------------------------------------
+def test_nan_loss_fails_with_training_diverged_and_keeps_no_checkpoint(tmp_path, monkeypatch):
+    from tasks import model
+
+    sequences, labels, matrix = synthetic_sequences()
+    matrix[1:] = np.nan  # what a corrupt vectors file would give
+    monkeypatch.setattr(model, "check_inputs", lambda *a: None)  # get past the up-front check to the training guard
+    with pytest.raises(TrainingDiverged, match="lower learning_rate"):
+        model.fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp_path)
+    assert not list(tmp_path.glob("ckpt-*")), "no checkpoint (and no best weights) from a diverged epoch"
+
+
+def test_nan_embedding_matrix_through_the_task_is_rejected_before_training(home):
+    from tasks.train import train
+
+    tokens, embeddings, _ = publish_inputs(home, seed=2, nan_row=True)
+    with pytest.raises(InputFormatError, match="NaN"):
+        train.fn(tiny_config(), tokens, embeddings, data_home=home)
+
+
+def test_matrix_that_does_not_match_the_vocabulary_is_rejected_before_building(tmp_path):
+    from tasks.model import fit_classifier
+
+    sequences, labels, matrix = synthetic_sequences(vocab=30)
+    with pytest.raises(InputFormatError, match="rows"):
+        fit_classifier(tiny_config(), sequences, labels, matrix[:10], 3, 30, tmp_path)
+
+
+# -- empty documents, padding and bucketing -------------------------------------------------------------
+@pytest.mark.parametrize("architecture", ["bilstm_pool", "lstm_last"])
+def test_batches_holding_empty_documents_train_without_nan(tmp_path, architecture):
+    from tasks.model import pad_batch, predict_proba, fit_classifier
+
+    sequences, labels, matrix = synthetic_sequences(n=60, empty=20)  # a third of the documents are empty
+    ids, lengths = pad_batch([sequences[0], sequences[25]], 30)
+    assert lengths[0] == 1 and ids[0, 0] == 0, "an empty document becomes one padding step, never a fully-masked row"
+    cfg = tiny_config(architecture=architecture, batch_size=64, epochs=1)  # one batch holds all of them
+    classifier, history, _ = fit_classifier(cfg, sequences, labels, matrix, 3, 30, tmp_path)
+    assert np.isfinite(history[0]["loss"]) and np.isfinite(history[0]["val_loss"])
+    probs = predict_proba(classifier, [np.zeros(0, np.int32), sequences[30]], 30)
+    assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+
+
+def test_predictions_do_not_depend_on_the_padding_of_the_batch(tmp_path):
+    """Right padding + reversal within length + masked pooling: padding never leaks into a document."""
+    from tasks.model import fit_classifier, predict_proba
+
+    sequences, labels, matrix = synthetic_sequences(n=60)
+    classifier, _, _ = fit_classifier(tiny_config(epochs=1), sequences, labels, matrix, 3, 30, tmp_path)
+    short, long_ = sequences[3][:4], np.arange(1, 29, dtype=np.int32)
+    alone = predict_proba(classifier, [short], 30)
+    padded = predict_proba(classifier, [short, long_], 30)  # one batch, padded to 28 steps
+    np.testing.assert_allclose(alone[0], padded[0], rtol=1e-4, atol=1e-6)
+
+
+def test_bucketing_pads_each_batch_only_to_its_longest_document():
+    from tasks.model import BucketedBatches
+
+    rng = np.random.default_rng(0)
+    sequences = [np.arange(1, n + 1, dtype=np.int32) for n in rng.integers(0, 300, size=500)]
+    data = BucketedBatches(sequences, np.zeros(500), batch_size=32, max_length=200, seed=7)
+    seen = []
+    for i in range(len(data)):
+        x, y = data[i]
+        rows = data.batches[i]
+        longest = max(1, min(200, max(len(sequences[r]) for r in rows)))
+        assert x["ids"].shape == (len(rows), longest), "no batch is wider than its longest document"
+        assert y.shape == (len(rows), 1)
+        seen.extend(rows)
+    assert sorted(seen) == list(range(500)), "every document exactly once per epoch"
+    cells = sum(data[i][0]["ids"].size for i in range(len(data)))
+    tokens = sum(max(1, min(len(s), 200)) for s in sequences)
+    assert cells < 1.1 * tokens < 0.8 * 500 * 200, "padding stays within 10% of the tokens; not padded to max_length"
+
+    first = [b.tolist() for b in data.batches]
+    data.set_epoch(1)
+    assert [b.tolist() for b in data.batches] != first, "reshuffled every epoch"
+    data.set_epoch(0)
+    assert [b.tolist() for b in data.batches] == first, "seeded: the same epoch gets the same batches"
+
+    rounded = BucketedBatches(sequences, np.zeros(500), batch_size=32, max_length=200, seed=7, multiple=32)
+    for i in range(len(rounded)):
+        width = rounded[i][0]["ids"].shape[1]
+        longest = max(1, min(200, max(len(sequences[r]) for r in rounded.batches[i])))
+        assert longest <= width < longest + 32 and (width % 32 == 0 or width == 200)
+
+
+def test_reverse_within_length_and_last_step():
+    from tasks.model import LastValidStep, ReverseWithinLength
+
+    x = np.arange(1, 6, dtype=np.float32)[None, :, None].repeat(3, axis=0)  # rows 1..5
+    lengths = np.array([3, 1, 5], dtype=np.int32)
+    reversed_ = np.asarray(ReverseWithinLength()([x, lengths]))[:, :, 0]
+    np.testing.assert_array_equal(reversed_, [[3, 2, 1, 4, 5], [1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])
+    last = np.asarray(LastValidStep()([x, lengths]))[:, 0]
+    np.testing.assert_array_equal(last, [3, 1, 5])
+
+
+def test_mixture_weights_are_chosen_on_validation_accuracy():
+    from tasks.model import choose_mixture
+
+    labels = np.array([0, 1, 0, 1])
+    good = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    bad = good[:, ::-1]
+    weights, accuracy = choose_mixture(np.stack([bad, good], axis=1), labels)
+    assert accuracy == 1.0 and weights[1] > weights[0]
+
+
+# -- other backends --------------------------------------------------------------------------------------
+BACKEND_SMOKE = textwrap.dedent(
+    """
+    import sys, tempfile
+    import numpy as np
+    from tasks.model import fit_classifier, load_model, predict_proba
+    from tests.tasks._training_data import synthetic_sequences, tiny_config
+    sequences, labels, matrix = synthetic_sequences(n=60, empty=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        classifier, history, summary = fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp)
+        assert summary["backend"] == sys.argv[1], summary
+        assert all(np.isfinite(h["loss"]) for h in history)
+        probs = predict_proba(classifier, sequences[:10], 30)
+        classifier.save(tmp + "/model.keras")
+        again = predict_proba(load_model(tmp + "/model.keras"), sequences[:10], 30)
+        np.testing.assert_allclose(probs, again, atol=1e-5)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_same_code_trains_on_other_backends(backend):
+    pytest.importorskip(backend)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", BACKEND_SMOKE, backend], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=280)
+    assert child.returncode == 0 and "ok" in child.stdout, child.stderr[-3000:]
