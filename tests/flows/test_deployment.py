@@ -80,8 +80,16 @@ def _prefect(env: dict, *args: str, cwd: Path = REPO_ROOT) -> str:
 
 def test_training_runs_on_the_gpu_pool_worker(prefect_server, tiny_sources, home, tmp_path):
     env = prefect_server["env"]
-    _prefect(env, "work-pool", "create", "gpu", "--type", "process")
-    _prefect(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "gpu")  # matched by deployment name
+    for pool in ("cpu", "gpu"):
+        _prefect(env, "work-pool", "create", pool, "--type", "process")
+    _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    deployments = {(d["name"], d["work_pool_name"]): d for d in _api(prefect_server["url"], "/deployments/filter", {})}
+    assert set(deployments) == {("nightly", "cpu"), ("gpu", "gpu")}
+    nightly = deployments[("nightly", "cpu")]
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+    assert nightly["parameters"]["config"]["train"]["deployment"] == "train-lstm/gpu"
+    pull = deployments[("gpu", "gpu")]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert Path(pull["directory"]).resolve() == REPO_ROOT
 
     worker_dir = tmp_path / "worker"  # not the checkout: the deployment's pull step must find the code
     worker_dir.mkdir()

@@ -20,6 +20,8 @@ def states(summary: dict) -> dict[str, str]:
 
 
 def test_second_run_is_cached_and_changes_rerun_only_what_depends_on_them(tiny_config):
+    from prefect import get_client
+
     from flows.pipeline import pipeline
 
     first = pipeline(tiny_config)
@@ -31,6 +33,9 @@ def test_second_run_is_cached_and_changes_rerun_only_what_depends_on_them(tiny_c
 
     second = pipeline(tiny_config)
     assert states(second) == {name: "Cached" for name in ALL_STEPS}
+    with get_client(sync_client=True) as client:  # as the Prefect API (and UI) records them
+        recorded = {client.read_task_run(step["task_run_id"]).state.name for step in second["steps"].values()}
+    assert recorded == {"Cached"}
     assert second["artifacts"] == first["artifacts"]
 
     # One training parameter: only train and evaluate run again.
