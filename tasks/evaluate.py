@@ -1,0 +1,254 @@
+"""A run + its tokens -> evaluations/<key>/: test-split metrics, confusion matrix, predictions.
+
+metrics.json (accuracy, macro-F1, counts), per_class.parquet (precision/recall/F1/support),
+confusion.parquet (long form: one row per true x predicted pair) + confusion.png, and
+predictions.parquet (one row per test document). Inside a Prefect run the headline numbers
+and the per-class table are also published as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key, write_parquet
+from storage.errors import InputFormatError
+from storage.schemas import SEQUENCES
+from tasks.common import step_logger, step_task
+from tasks.config import EvaluateConfig
+
+PER_CLASS = pa.schema(
+    [
+        ("label", pa.int16()),
+        ("group", pa.string()),
+        ("precision", pa.float64()),
+        ("recall", pa.float64()),
+        ("f1", pa.float64()),
+        ("support", pa.int64()),
+    ]
+)
+CONFUSION = pa.schema(
+    [
+        ("true_label", pa.int16()),
+        ("true_group", pa.string()),
+        ("predicted_label", pa.int16()),
+        ("predicted_group", pa.string()),
+        ("count", pa.int64()),
+    ]
+)
+PREDICTIONS = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("label", pa.int16()),
+        ("predicted", pa.int16()),
+        ("confidence", pa.float32()),
+        ("probabilities", pa.list_(pa.float32())),
+    ]
+)
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return counts
+
+
+def classification_metrics(confusion: np.ndarray) -> dict:
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix.
+
+    A class never predicted has precision 0; a class absent from the test set has recall 0
+    (sklearn's zero_division=0), and it still counts in the macro average.
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    true_positive = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, true_positive / predicted, 0.0)
+        recall = np.where(support > 0, true_positive / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    total = confusion.sum()
+    return {
+        "accuracy": float(true_positive.sum() / total) if total else 0.0,
+        "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support.astype(np.int64),
+        "documents": int(total),
+    }
+
+
+def per_class_table(metrics: dict, names: Sequence[str]) -> pa.Table:
+    return pa.table(
+        {
+            "label": pa.array(np.arange(len(names)), pa.int16()),
+            "group": list(names),
+            "precision": metrics["precision"],
+            "recall": metrics["recall"],
+            "f1": metrics["f1"],
+            "support": metrics["support"],
+        },
+        schema=PER_CLASS,
+    )
+
+
+def confusion_table(confusion: np.ndarray, names: Sequence[str]) -> pa.Table:
+    n = len(names)
+    true, pred = np.divmod(np.arange(n * n), n)
+    return pa.table(
+        {
+            "true_label": pa.array(true, pa.int16()),
+            "true_group": [names[i] for i in true],
+            "predicted_label": pa.array(pred, pa.int16()),
+            "predicted_group": [names[i] for i in pred],
+            "count": confusion.reshape(-1),
+        },
+        schema=CONFUSION,
+    )
+
+
+def plot_confusion(confusion: np.ndarray, names: Sequence[str], path: str | Path, title: str = "") -> None:
+    """Row-normalised heat map (recall on the diagonal) with the raw counts written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    rows = confusion.sum(axis=1, keepdims=True)
+    share = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
+    size = max(5.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels=names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), labels=names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if confusion[i, j]:
+                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown_report(metrics: dict, names: Sequence[str], run_key: str) -> str:
+    lines = [
+        f"# Evaluation of run `{run_key}`",
+        "",
+        f"- test documents: {metrics['documents']}",
+        f"- accuracy: **{metrics['accuracy']:.4f}**",
+        f"- macro-F1: **{metrics['macro_f1']:.4f}**",
+        "",
+        "| group | precision | recall | F1 | support |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | {metrics['precision'][i]:.3f} | {metrics['recall'][i]:.3f} | "
+                     f"{metrics['f1'][i]:.3f} | {metrics['support'][i]} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_prefect_artifacts(metrics: dict, names: Sequence[str], run_key: str, evaluation_uri: str) -> bool:
+    """Table + markdown artifacts in the Prefect UI; a no-op outside a flow/task run (e.g. `.fn` calls)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if not (TaskRunContext.get() or FlowRunContext.get()):
+        return False
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [
+        {"group": name, "precision": round(float(metrics["precision"][i]), 4), "recall": round(float(metrics["recall"][i]), 4),
+         "f1": round(float(metrics["f1"][i]), 4), "support": int(metrics["support"][i])}
+        for i, name in enumerate(names)
+    ]
+    create_table_artifact(rows, key="evaluation-per-class", description=f"per-class metrics of run {run_key}")
+    report = markdown_report(metrics, names, run_key) + f"\nConfusion matrix: `{evaluation_uri}/confusion.png`\n"
+    create_markdown_artifact(report, key="evaluation-summary", description=f"accuracy and macro-F1 of run {run_key}")
+    return True
+
+
+# -- step -------------------------------------------------------------------------------------------
+STEP = "evaluations"
+VERSION = 1
+
+
+def evaluation_key(cfg: EvaluateConfig, run: ArtifactRef, tokens: ArtifactRef) -> str:
+    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json"), [run, tokens])
+
+
+def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef, tokens: ArtifactRef, out: Path) -> dict:
+    from tasks.model import load_model, predict_proba  # imports Keras
+
+    table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["doc_id", "label", "split", "ids"])
+    test = table.filter(pc.equal(table["split"], "test"))
+    if test.num_rows == 0:
+        raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'test' to evaluate on")
+    from tasks.train import split_sequences
+
+    run_dir = store.local_dir(run)
+    names = json.loads((run_dir / "labels.json").read_text())
+    max_length = int((store.read_manifest(run) or {}).get("max_length") or 0) or None
+    model = load_model(run_dir / "model.keras")
+    sequences = split_sequences(test)
+    probabilities = predict_proba(model, sequences, max_length or max(len(s) for s in sequences) or 1, cfg.batch_size)
+    y_true = test["label"].to_numpy(zero_copy_only=False).astype(np.int64)
+    y_pred = probabilities.argmax(axis=1)
+    confusion = confusion_matrix(y_true, y_pred, len(names))
+    metrics = classification_metrics(confusion)
+
+    write_parquet(per_class_table(metrics, names), out / "per_class.parquet", PER_CLASS)
+    write_parquet(confusion_table(confusion, names), out / "confusion.parquet", CONFUSION)
+    plot_confusion(confusion, names, out / "confusion.png", title=f"run {run.key}: accuracy {metrics['accuracy']:.3f}")
+    predictions = pa.table(
+        {
+            "doc_id": test["doc_id"],
+            "label": pa.array(y_true, pa.int16()),
+            "predicted": pa.array(y_pred, pa.int16()),
+            "confidence": pa.array(probabilities.max(axis=1), pa.float32()),
+            "probabilities": pa.FixedSizeListArray.from_arrays(probabilities.astype(np.float32).reshape(-1), len(names)).cast(pa.list_(pa.float32())),
+        },
+        schema=PREDICTIONS,
+    )
+    write_parquet(predictions, out / "predictions.parquet", PREDICTIONS)
+    headline = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "documents": metrics["documents"],
+                "classes": len(names), "run": run.key}
+    (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    return {"rows": metrics["documents"], "metrics": headline, "_metrics": metrics, "_names": names}
+
+
+@step_task("evaluate")
+def evaluate(cfg: EvaluateConfig, run: ArtifactRef, tokens: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
+    store = ArtifactStore(data_home)
+    key = evaluation_key(cfg, run, tokens)
+    computed: dict = {}
+
+    def build(out: Path) -> dict:
+        extras = write_evaluation(cfg, store, run, tokens, out)
+        computed.update(metrics=extras.pop("_metrics"), names=extras.pop("_names"))
+        return extras
+
+    ref = store.publish(STEP, key, build=build, version=VERSION, params=cfg.model_dump(mode="json"), upstream=[run, tokens])
+    if not computed:  # already in the store: rebuild the report from its files
+        evaluation_dir = store.local_dir(ref)
+        per_class = store.read_parquet(ref, "per_class.parquet", PER_CLASS)
+        headline = json.loads((evaluation_dir / "metrics.json").read_text())
+        computed["names"] = per_class["group"].to_pylist()
+        computed["metrics"] = {**headline, **{c: per_class[c].to_numpy() for c in ("precision", "recall", "f1", "support")}}
+    metrics = computed["metrics"]
+    step_logger().info("evaluation %s: accuracy %.4f, macro-F1 %.4f on %d test documents",
+                       key, metrics["accuracy"], metrics["macro_f1"], metrics["documents"])
+    publish_prefect_artifacts(metrics, computed["names"], run.key, ref.uri)
+    return ref

@@ -1,0 +1,120 @@
+"""Evaluation: metrics against a hand-computed confusion matrix, the artifact's files, Prefect artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from storage.artifacts import ArtifactRef, ArtifactStore
+from tasks.config import EvaluateConfig
+from tests.tasks._training_data import GROUPS, publish_inputs, tiny_config
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    from tasks.evaluate import classification_metrics, confusion_matrix
+
+    y_true = [0, 0, 1, 1, 2, 2, 2]
+    y_pred = [0, 1, 1, 1, 2, 0, 2]
+    confusion = confusion_matrix(y_true, y_pred, 3)
+    np.testing.assert_array_equal(confusion, [[1, 1, 0], [0, 2, 0], [1, 0, 2]])
+    m = classification_metrics(confusion)
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    np.testing.assert_allclose(m["precision"], [1 / 2, 2 / 3, 1.0])
+    np.testing.assert_allclose(m["recall"], [1 / 2, 1.0, 2 / 3])
+    np.testing.assert_allclose(m["f1"], [0.5, 0.8, 0.8])
+    assert m["macro_f1"] == pytest.approx(0.7)
+    np.testing.assert_array_equal(m["support"], [2, 2, 3])
+
+
+def test_a_class_never_seen_nor_predicted_scores_zero_and_counts_in_the_macro_average():
+    from tasks.evaluate import classification_metrics, confusion_matrix
+
+    m = classification_metrics(confusion_matrix([0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 2, 0, 2], 4))
+    assert (m["precision"][3], m["recall"][3], m["f1"][3], m["support"][3]) == (0.0, 0.0, 0.0, 0)
+    assert m["macro_f1"] == pytest.approx(2.1 / 4)
+    sklearn = pytest.importorskip("sklearn.metrics")
+    assert m["macro_f1"] == pytest.approx(
+        sklearn.f1_score([0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 2, 0, 2], average="macro", labels=[0, 1, 2, 3], zero_division=0))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    from tasks.evaluate import evaluate
+    from tasks.train import train
+
+    home = str(tmp_path_factory.mktemp("home"))
+    tokens, embeddings, documents = publish_inputs(home, seed=3)
+    run = train.fn(tiny_config(), tokens, embeddings, data_home=home)
+    ref = evaluate.fn(EvaluateConfig(), run, tokens, data_home=home)  # outside any Prefect run
+    return home, run, tokens, ref, documents
+
+
+def test_evaluation_files_agree_with_each_other(evaluated):
+    home, run, tokens, ref, documents = evaluated
+    store = ArtifactStore(home)
+    out = store.local_dir(ref)
+    metrics = json.loads((out / "metrics.json").read_text())
+    predictions = pq.read_table(out / "predictions.parquet").to_pylist()
+    test_ids = [d for d, s in zip(documents["doc_id"].to_pylist(), documents["split"].to_pylist()) if s == "test"]
+    assert [p["doc_id"] for p in predictions] == test_ids and metrics["documents"] == len(test_ids)
+    label, predicted = np.array([p["label"] for p in predictions]), np.array([p["predicted"] for p in predictions])
+    assert metrics["accuracy"] == pytest.approx(float((label == predicted).mean()))
+    assert metrics["accuracy"] > 0.8 and metrics["run"] == run.key
+    for p in predictions:
+        assert len(p["probabilities"]) == 4 and sum(p["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+        assert p["confidence"] == pytest.approx(max(p["probabilities"])) and p["predicted"] == int(np.argmax(p["probabilities"]))
+
+    confusion = pq.read_table(out / "confusion.parquet").to_pylist()
+    assert len(confusion) == 16 and sum(c["count"] for c in confusion) == len(test_ids)
+    for c in confusion:
+        assert c["count"] == int(((label == c["true_label"]) & (predicted == c["predicted_label"])).sum())
+        assert c["true_group"] == GROUPS[c["true_label"]]
+    per_class = pq.read_table(out / "per_class.parquet").to_pylist()
+    assert [r["group"] for r in per_class] == GROUPS
+    assert [r["support"] for r in per_class] == [int((label == i).sum()) for i in range(4)]
+    assert metrics["macro_f1"] == pytest.approx(np.mean([r["f1"] for r in per_class]))
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert store.read_manifest(ref)["upstream"][0]["key"] == run.key
+
+
+def test_evaluation_key_follows_run_and_config():
+    from tasks.evaluate import evaluation_key
+
+    run_a = ArtifactRef(step="runs", key="a", uri="/x/runs/a")
+    run_b = ArtifactRef(step="runs", key="b", uri="/x/runs/b")
+    tokens = ArtifactRef(step="tokens", key="t", uri="/x/tokens/t")
+    assert evaluation_key(EvaluateConfig(), run_a, tokens) == evaluation_key(EvaluateConfig(), run_a, tokens)
+    assert evaluation_key(EvaluateConfig(), run_a, tokens) != evaluation_key(EvaluateConfig(), run_b, tokens)
+
+
+def test_prefect_artifacts_are_published_inside_a_flow_run(evaluated, prefect_api):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.evaluate import evaluate
+
+    home, run, tokens, ref, _ = evaluated
+
+    @flow
+    def evaluate_flow():
+        return evaluate(EvaluateConfig(), run, tokens, data_home=home)
+
+    assert evaluate_flow() == ref  # a store hit: the report is rebuilt from the stored files
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["evaluation-per-class", "evaluation-summary"])))
+
+    import asyncio
+
+    artifacts = {a.key: a for a in asyncio.run(read())}
+    assert set(artifacts) == {"evaluation-per-class", "evaluation-summary"}
+    assert "accuracy" in artifacts["evaluation-summary"].data and run.key in artifacts["evaluation-summary"].data
+    table = artifacts["evaluation-per-class"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [row["group"] for row in table] == GROUPS
