@@ -96,7 +96,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
     if until == "embeddings":
         return finish()
 
-    # The run key must not depend on where training ran: a GPU run and a local run share it.
+    # Where training runs must not change its cache keys (artifact and Prefect input hash): both share one run.
     train_cfg = config.train.model_copy(update={"deployment": None})
     train_until = "train" if until == "train" else "evaluate"
     if config.train.deployment:
@@ -134,8 +134,6 @@ def _train_on_deployment(
     from tasks import evaluate as evaluate_step
     from tasks import train as train_step
 
-    if "://" not in home and not home.startswith("/"):
-        raise PipelineError(f"data home {home!r} must be an absolute path or URI shared with the training worker")
     run_key = train_step.run_key(train_cfg, tokens, matrix)
     parent = current_flow_run.id or "no-parent"
     say(f"train: submitting to deployment {name} (run key {run_key})")

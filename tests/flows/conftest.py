@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -63,6 +64,7 @@ def tiny_sources(tmp_path_factory) -> dict:
 
 def tiny_config_dict(tiny_sources: dict, home: str) -> dict:
     """A PipelineConfig (as a dict: also what the CLI reads from a JSON file) that trains in seconds."""
+    tiny_sources = copy.deepcopy(tiny_sources)  # callers may edit the result; the fixture is session-wide
     return {
         "data_home": home,
         "sources": {"glove": tiny_sources["glove"], "corpus_source": tiny_sources["corpus"]},
