@@ -327,8 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="GloVe + 20 Newsgroups -> Parquet -> LSTM text classifier, as a cached Prefect 3 pipeline.",
         epilog="Exit codes: 0 ok, 1 pipeline/prediction failure, 2 usage or configuration error.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and Prefect's own logs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs (flow/task states)")
+    def add_log_options(p: argparse.ArgumentParser, default: Any) -> None:
+        p.add_argument("--debug", action="store_true", default=default, help="show tracebacks and Prefect's own logs")
+        p.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="show Prefect's logs (flow/task states)")
+
+    # Accepted before or after the command; SUPPRESS keeps a subcommand from resetting the top-level value.
+    add_log_options(parser, False)
+    common = argparse.ArgumentParser(add_help=False)
+    add_log_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_home(p: argparse.ArgumentParser) -> None:
@@ -345,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_home(p)
         p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
-    run = sub.add_parser("run", help="run the pipeline (cached: unchanged steps are skipped)",
+    run = sub.add_parser("run", parents=[common], help="run the pipeline (cached: unchanged steps are skipped)",
                          description="Run the pipeline up to --until. Precedence: defaults < --preset < "
                                      "--config files < KEY=VALUE < --data-home; NEWSGROUPS_LSTM_GLOVE_URL/_SHA256 "
                                      "and NEWSGROUPS_LSTM_CORPUS_URL/_SHA256 override the sources.")
@@ -353,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES, default="evaluate", help="stop after this stage (default: evaluate)")
     run.set_defaults(func=cmd_run)
 
-    data = sub.add_parser("data", help="download and convert the corpus and GloVe to Parquet (= run --until data)",
+    data = sub.add_parser("data", parents=[common], help="download and convert the corpus and GloVe to Parquet (= run --until data)",
                           description="Download both archives and build documents.parquet + vectors.parquet.")
     add_run_options(data)
     data.set_defaults(func=cmd_run, until="data")
 
-    inspect = sub.add_parser("inspect", help="list artifacts, or show one (manifest, Parquet schema, first rows)",
+    inspect = sub.add_parser("inspect", parents=[common], help="list artifacts, or show one (manifest, Parquet schema, first rows)",
                              description="Without TARGET: list every artifact. TARGET: STEP (list that step), "
                                          "STEP/KEY (a unique key prefix is enough) or a path to an artifact "
                                          "directory or file.")
@@ -368,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
-    predict = sub.add_parser("predict", help="classify texts with a trained run",
+    predict = sub.add_parser("predict", parents=[common], help="classify texts with a trained run",
                              description="Classify texts given as arguments, files (--file) or stdin ('-').")
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify; '-' reads stdin")
     predict.add_argument("--run", metavar="RUN", help="runs/KEY, a key prefix or a run directory (default: latest)")

@@ -110,3 +110,10 @@ def test_run_prints_metrics_then_predict_classifies_text(tiny_sources, home, tmp
     assert len(lines) == 2 and all(line.split("\t")[0] in {"rec.autos", "sci.space", "talk.politics"} for line in lines)
 
     assert main(["predict", "--run", "corpus/", "text", "--data-home", home]) == EXIT_USAGE
+
+
+@pytest.mark.parametrize("argv", [["--debug", "inspect"], ["inspect", "--debug"]])
+def test_debug_flag_is_accepted_before_or_after_the_command(argv):
+    from flows.cli import build_parser
+
+    assert build_parser().parse_args(argv).debug is True
