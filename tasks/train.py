@@ -35,6 +35,8 @@ HISTORY = pa.schema(
         ("val_accuracy", pa.float64()),
         ("learning_rate", pa.float64()),
         ("seconds", pa.float64()),
+        ("mixture", pa.list_(pa.float64())),  # weight of each expert in the classifier after this epoch
+        ("expert_val_accuracy", pa.list_(pa.float64())),
     ]
 )
 RUN_FILES = ("model.keras", "history.parquet", "curves.png", "labels.json", "vocab.parquet", "tokenizer.json")

@@ -1,0 +1,368 @@
+"""Training + evaluation on the real data: our presets vs TF-IDF baselines, and time per epoch vs the original recipe.
+
+    .venv/bin/python benchmarks/bench_train.py [--data ../shared/data] [--settings distributed,stripped]
+        [--presets default,seed] [--backend tensorflow|jax|torch] [--epochs N] [--recipe-batches 8]
+        [--export-dir DIR] [--from-dir DIR] [--out benchmarks/results/bench_train.json]
+
+Data: 20news-bydate (train/test split as distributed) and GloVe 6B 50d from --data, checked against
+the sha256 values of shared/data/README.md, prepared by the project's own pure functions
+(tasks.corpus.build_documents, tasks.tokenize, tasks.glove.read_glove_zip, tasks.embeddings).
+Two settings: the text as distributed, and with headers, footers and quotes stripped.
+
+For each setting: test accuracy and macro-F1 of each preset (tasks.model.fit_classifier, the code the
+`train` step runs; early stopping on a slice of the training split only), next to TF-IDF + LinearSVC
+and TF-IDF + LogisticRegression (sublinear TF-IDF over the same token ids the models read).
+
+Speed: seconds per epoch of each preset (measured: every epoch, including its validation pass) vs
+the original recipe's model (Embedding -> LSTM(100, dropout=0.2, recurrent_dropout=0.2) -> Dense(1,
+sigmoid) -> Dense(20, softmax), every sequence padded to 1,000, batch 32): that one is timed on a
+fixed number of batches and EXTRAPOLATED to one epoch over the same training documents.
+
+GPU machines without Prefect/TensorFlow/pydantic: prepare here with --export-dir DIR (numpy .npz, ids
+uint16 and matrices float16, well under 40 MB), copy DIR, and run there with --from-dir DIR
+--backend torch (or jax); that path imports only keras, numpy, tasks.model and (if present) sklearn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHA256 = {
+    "20news-bydate.tar.gz": "53027b79f71f27034d8d89a5b453d614685f400af36370c9df8766299899ec78",
+    "glove.6B.zip": "a91fc13449f05cce32e3752c5e0b8b7a9e1a948063e6222e43b8320682ab0c1d",
+}
+SETTINGS = {"distributed": (), "stripped": ("headers", "footers", "quotes")}
+RECIPE = {"num_words": 20_000, "max_length": 1000, "units": 100, "batch_size": 32}
+
+
+def log(*parts) -> None:
+    print(time.strftime("%H:%M:%S"), *parts, flush=True)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(data_dir: Path, settings: list[str], word_counts: set[int]) -> tuple[dict, dict]:
+    """{(setting, num_words): arrays} built with the project's pure step functions, and the configs used."""
+    from storage.archives import iter_archive
+    from tasks.config import CorpusConfig, EmbeddingsConfig, TokenizeConfig
+    from tasks.corpus import build_documents
+    from tasks.embeddings import embedding_matrix
+    from tasks.glove import read_glove_zip
+    from tasks.tokenize import encode, fit_vocabulary, rules_of, split_words
+
+    for name, expected in SHA256.items():
+        got = sha256(data_dir / name)
+        if got != expected:
+            raise SystemExit(f"{data_dir / name}: sha256 {got}, expected {expected} (shared/data/README.md)")
+    started = time.perf_counter()
+    vectors, _ = read_glove_zip(data_dir / "glove.6B.zip", 50)
+    log(f"GloVe 50d parsed: {vectors.num_rows} words, {time.perf_counter() - started:.1f} s")
+    prepared, configs = {}, {}
+    embeddings_cfg = EmbeddingsConfig()
+    for setting in settings:
+        started = time.perf_counter()
+        documents, _ = build_documents(iter_archive(data_dir / "20news-bydate.tar.gz"), CorpusConfig(strip=SETTINGS[setting]),
+                                       archive="20news-bydate.tar.gz")
+        texts = documents["text"]
+        is_test = np.asarray(documents["split"].to_pylist()) == "test"
+        for num_words in sorted(word_counts):
+            cfg = TokenizeConfig(num_words=num_words, max_length=RECIPE["max_length"])
+            rules = rules_of(cfg)
+            vocab, _ = fit_vocabulary([texts.filter(~is_test)], rules, cfg.num_words)
+            ids, _ = encode(split_words(texts, rules), vocab, rules)
+            matrix, hit = embedding_matrix(vocab, vectors, embeddings_cfg.oov_init, embeddings_cfg.seed)
+            prepared[(setting, num_words)] = {
+                "offsets": ids.offsets.to_numpy().astype(np.int64),
+                "ids": ids.values.to_numpy(zero_copy_only=False).astype(np.int32),
+                "labels": documents["label"].to_numpy().astype(np.int16),
+                "is_test": is_test,
+                "matrix": matrix,
+                "groups": sorted(set(documents["group"].to_pylist())),
+            }
+            configs[f"{setting}-w{num_words}"] = {"tokenize": cfg.model_dump(), "embeddings": embeddings_cfg.model_dump(),
+                                                  "glove_hit_rate": round(float(hit[1:].mean()), 4)}
+        log(f"{setting}: {documents.num_rows} documents tokenized for {sorted(word_counts)} words, {time.perf_counter() - started:.1f} s")
+    return prepared, configs
+
+
+def export(prepared: dict, configs: dict, train_configs: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for (setting, num_words), d in prepared.items():
+        ids_dtype = np.uint16 if d["matrix"].shape[0] <= 65536 else np.int32
+        np.savez_compressed(out / f"{setting}-w{num_words}.npz", offsets=d["offsets"], ids=d["ids"].astype(ids_dtype),
+                            labels=d["labels"], is_test=d["is_test"], matrix=d["matrix"].astype(np.float16),
+                            groups=np.array(d["groups"]))
+    manifest = {"datasets": sorted(f"{s}-w{w}" for s, w in prepared), "configs": configs, "train_presets": train_configs,
+                "note": "ids uint16, matrix float16 (GloVe rounded to ~3 significant digits)"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in out.iterdir())
+    log(f"exported {len(prepared)} datasets to {out}: {size / 1e6:.1f} MB")
+
+
+def load_exported(src: Path) -> tuple[dict, dict]:
+    manifest = json.loads((src / "manifest.json").read_text())
+    prepared = {}
+    for name in manifest["datasets"]:
+        setting, words = name.rsplit("-w", 1)
+        with np.load(src / f"{name}.npz") as z:
+            prepared[(setting, int(words))] = {
+                "offsets": z["offsets"], "ids": z["ids"].astype(np.int32), "labels": z["labels"], "is_test": z["is_test"],
+                "matrix": z["matrix"].astype(np.float32), "groups": [str(g) for g in z["groups"]],
+            }
+    return prepared, manifest
+
+
+def sequences_of(d: dict) -> list[np.ndarray]:
+    offsets = d["offsets"]
+    return np.split(d["ids"][offsets[0]: offsets[-1]], offsets[1:-1] - offsets[0])
+
+
+# -- configs (pydantic when available, the exported dump otherwise) ------------------------------------
+def train_configs(presets: list[str], epochs: int | None, exported: dict | None) -> dict:
+    try:
+        from tasks.config import PipelineConfig, with_preset
+    except ImportError:  # GPU machine without pydantic: the presets as exported
+        if not exported:
+            raise
+        resolved = {p: dict(exported["train_presets"][p]) for p in presets}
+    else:
+        resolved = {}
+        for p in presets:
+            cfg = with_preset(PipelineConfig(), p)
+            resolved[p] = {**cfg.train.model_dump(), "num_words": cfg.tokenize.num_words}
+    if epochs:
+        for cfg in resolved.values():
+            cfg["epochs"] = epochs
+    return resolved
+
+
+# -- metrics and baselines ------------------------------------------------------------------------------
+def scores(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> dict:
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros(n), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros(n), where=confusion.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=precision + recall > 0)
+    return {"accuracy": round(float(tp.sum() / confusion.sum()), 4), "macro_f1": round(float(f1.mean()), 4)}
+
+
+def baselines(d: dict, sequences: list[np.ndarray]) -> dict:
+    try:
+        import scipy.sparse as sp
+        from sklearn.feature_extraction.text import TfidfTransformer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.svm import LinearSVC
+    except ImportError:
+        log("sklearn not installed: baselines skipped")
+        return {}
+    rows = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    counts = sp.csr_matrix((np.ones(len(rows)), (rows, np.concatenate(sequences))), shape=(len(sequences), len(d["matrix"])))
+    counts.sum_duplicates()
+    train, test, y = ~d["is_test"], d["is_test"], d["labels"].astype(np.int64)
+    features = TfidfTransformer(sublinear_tf=True).fit(counts[train]).transform(counts)
+    out = {}
+    for name, model in (("tfidf_linearsvc", LinearSVC()), ("tfidf_logreg", LogisticRegression(C=10.0, max_iter=1000))):
+        started = time.perf_counter()
+        predicted = model.fit(features[train], y[train]).predict(features[test])
+        out[name] = {**scores(y[test], predicted, len(d["groups"])), "seconds": round(time.perf_counter() - started, 1)}
+        log(f"  {name}: {out[name]}")
+    return out
+
+
+# -- the models -------------------------------------------------------------------------------------------
+def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> dict:
+    from tasks.model import fit_classifier, predict_proba
+
+    train_rows = np.flatnonzero(~d["is_test"])
+    test_rows = np.flatnonzero(d["is_test"])
+    labels = d["labels"].astype(np.int32)
+    with tempfile.TemporaryDirectory(prefix=f"bench-train-{name}-") as work:
+        started = time.perf_counter()
+        classifier, history, summary = fit_classifier(
+            SimpleNamespace(**cfg), [sequences[i] for i in train_rows], labels[train_rows], d["matrix"], len(d["groups"]),
+            RECIPE["max_length"], work, _Printer(),
+        )
+        train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    probabilities = predict_proba(classifier, [sequences[i] for i in test_rows], RECIPE["max_length"])
+    result = scores(labels[test_rows], probabilities.argmax(1), len(d["groups"]))
+    epochs = summary["seconds_per_epoch"]
+    result.update(
+        train_seconds=round(train_seconds, 1), predict_seconds=round(time.perf_counter() - started, 1),
+        epochs_run=summary["epochs_run"], best_epoch=summary["best_epoch"], stopped_early=summary["stopped_early"],
+        seconds_per_epoch=epochs, median_seconds_per_epoch=round(statistics.median(epochs), 2) if epochs else None,
+        mixture=summary["mixture"], backend=summary["backend"], device=summary["device_name"],
+        train_documents=summary["train_documents"], validation_documents=summary["validation_documents"],
+    )
+    log(f"  {name}: accuracy {result['accuracy']}, macro-F1 {result['macro_f1']}, "
+        f"{result['median_seconds_per_epoch']} s/epoch (median of {len(epochs)}), {result['train_seconds']} s training")
+    return result
+
+
+class _Printer:
+    """A logger stand-in that prints fit_classifier's per-epoch lines."""
+
+    def info(self, msg, *args):
+        log("   ", msg % args)
+
+    warning = info
+
+
+def time_original_recipe(d: dict, sequences: list[np.ndarray], batches: int, train_documents: int) -> dict:
+    """The original recipe's model on batches of 32 sequences pre-padded to 1,000: time `batches` batches."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    words, length, batch = RECIPE["num_words"], RECIPE["max_length"], RECIPE["batch_size"]
+    model = keras.Sequential([
+        keras.Input((length,), dtype="int32"),
+        layers.Embedding(words + 1, d["matrix"].shape[1], trainable=False),
+        layers.LSTM(RECIPE["units"], dropout=0.2, recurrent_dropout=0.2),
+        layers.Dense(1, activation="sigmoid"),
+        layers.Dense(len(d["groups"]), activation="softmax"),
+    ])
+    model.layers[0].set_weights([d["matrix"][: words + 1]])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    train_rows = np.flatnonzero(~d["is_test"])
+    labels = d["labels"].astype(np.int32)
+
+    def padded(rows):  # Keras pad_sequences defaults: pad and truncate at the front
+        x = np.zeros((len(rows), length), dtype=np.int32)
+        for r, i in enumerate(rows):
+            s = sequences[i][-length:]
+            if len(s):
+                x[r, -len(s):] = s
+        return x, labels[rows]
+
+    model.train_on_batch(*padded(rng.choice(train_rows, batch)))  # build + trace: not timed
+    started = time.perf_counter()
+    for _ in range(batches):
+        model.train_on_batch(*padded(rng.choice(train_rows, batch)))
+    per_batch = (time.perf_counter() - started) / batches
+    per_epoch = per_batch * math.ceil(train_documents / batch)
+    log(f"  original recipe: {per_batch:.3f} s per batch of {batch} (timed {batches} batches) "
+        f"-> {per_epoch:.0f} s per epoch of {train_documents} documents (extrapolated)")
+    return {"seconds_per_batch": round(per_batch, 4), "batches_timed": batches, "train_documents": train_documents,
+            "extrapolated_seconds_per_epoch": round(per_epoch, 1)}
+
+
+# -- main --------------------------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--settings", default="distributed,stripped")
+    parser.add_argument("--presets", default="default,seed")
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"), help="KERAS_BACKEND (default: as set, else tensorflow)")
+    parser.add_argument("--epochs", type=int, help="override every preset's epochs (e.g. for a quick look)")
+    parser.add_argument("--recipe-batches", type=int, default=8, help="batches timed for the original recipe (0: skip)")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--export-dir", type=Path, help="save the prepared arrays here (for a machine without the data layer)")
+    parser.add_argument("--export-only", action="store_true", help="with --export-dir: prepare, export and stop")
+    parser.add_argument("--from-dir", type=Path, help="load arrays saved by --export-dir instead of preparing them")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_train.json")
+    args = parser.parse_args()
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    settings = [s for s in args.settings.split(",") if s]
+    presets = [p for p in args.presets.split(",") if p]
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {sorted(SETTINGS)}")
+
+    exported = None
+    if args.from_dir:
+        prepared, exported = load_exported(args.from_dir)
+        configs = train_configs(presets, args.epochs, exported)
+        data_configs = exported["configs"]
+    else:
+        configs = train_configs(presets, args.epochs, None)
+        words = {c["num_words"] for c in configs.values()}
+        if args.export_dir:  # export every preset's vocabulary, so the GPU run can pick any
+            words |= {c["num_words"] for c in train_configs(["default", "seed"], None, None).values()}
+        prepared, data_configs = prepare(args.data, settings, words | {RECIPE["num_words"]})
+        if args.export_dir:
+            export(prepared, data_configs, train_configs(["default", "seed"], None, None), args.export_dir)
+            if args.export_only:
+                return 0
+
+    import keras
+
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                           "keras": keras.__version__, "backend": keras.config.backend()},
+               "command": " ".join(sys.argv), "presets": configs, "data": data_configs, "settings": {}}
+    for setting in settings:
+        log(f"== {setting}")
+        entry = results["settings"][setting] = {}
+        if not args.no_baselines:
+            d = prepared[(setting, configs[presets[0]]["num_words"] if presets else 50_000)]
+            entry["baselines"] = baselines(d, sequences_of(d))
+        for preset in presets:
+            cfg = configs[preset]
+            d = prepared[(setting, cfg["num_words"])]
+            train_cfg = {k: v for k, v in cfg.items() if k != "num_words"}
+            entry[preset] = train_preset(preset, train_cfg, d, sequences_of(d))
+        if args.recipe_batches and (setting, RECIPE["num_words"]) in prepared:
+            d = prepared[(setting, RECIPE["num_words"])]
+            reference = next((entry[p] for p in presets), None)
+            documents = reference["train_documents"] if reference else int((~d["is_test"]).sum())
+            entry["original_recipe"] = time_original_recipe(d, sequences_of(d), args.recipe_batches, documents)
+            for preset in presets:
+                if entry[preset]["median_seconds_per_epoch"]:
+                    entry[preset]["speedup_vs_original_recipe"] = round(
+                        entry["original_recipe"]["extrapolated_seconds_per_epoch"] / entry[preset]["median_seconds_per_epoch"], 1)
+
+    print_table(results, presets)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+def print_table(results: dict, presets: list[str]) -> None:
+    print(f"\nbackend {results['machine']['backend']} on {results['machine']['platform']}")
+    header = f"{'setting':<12} {'model':<22} {'accuracy':>8} {'macro-F1':>8} {'s/epoch':>9} {'vs recipe':>9}"
+    print(header)
+    print("-" * len(header))
+    for setting, entry in results["settings"].items():
+        recipe = entry.get("original_recipe")
+        for name, r in entry.get("baselines", {}).items():
+            print(f"{setting:<12} {name:<22} {r['accuracy']:>8.4f} {r['macro_f1']:>8.4f} {'':>9} {'':>9}")
+        for preset in presets:
+            r = entry[preset]
+            ratio = f"{r['speedup_vs_original_recipe']:.1f}x" if "speedup_vs_original_recipe" in r else ""
+            print(f"{setting:<12} {'lstm ' + preset + ' preset':<22} {r['accuracy']:>8.4f} {r['macro_f1']:>8.4f} "
+                  f"{r['median_seconds_per_epoch']:>9.1f} {ratio:>9}")
+        if recipe:
+            print(f"{setting:<12} {'original recipe':<22} {'':>8} {'':>8} {recipe['extrapolated_seconds_per_epoch']:>9.1f} "
+                  f"{'1.0x':>9}   (extrapolated from {recipe['batches_timed']} batches)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
