@@ -94,7 +94,6 @@ class TrainConfig(_Frozen):
     lstm_max_tokens: int | None = Field(400, ge=1)  # the LSTM reads the first N tokens; pooled branches read all
     swem_branch: bool = True  # masked max+mean of the word vectors (SWEM)
     bow_branch: bool = True  # a linear bag-of-words branch (per-word class scores, trained from zero)
-    bow_bigram_buckets: int = Field(2**18, ge=0)  # hashed word pairs in the bag of words; 0 = words only
     embedding_dropout: float = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)
     dropout: float = Field(0.3, ge=0, lt=1)  # before the classifier
     unfreeze_embeddings_after: int | None = Field(1, ge=0)  # epochs of frozen GloVe; None = frozen throughout

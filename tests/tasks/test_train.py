@@ -191,7 +191,7 @@ def test_batches_holding_empty_documents_train_without_nan(tmp_path, architectur
     sequences, labels, matrix = synthetic_sequences(n=60, empty=20)  # a third of the documents are empty
     ids, lengths = pad_batch([sequences[0], sequences[25]], 30)
     assert lengths[0] == 1 and ids[0, 0] == 0, "an empty document becomes one padding step, never a fully-masked row"
-    cfg = tiny_config(architecture=architecture, batch_size=64, epochs=1, bow_bigram_buckets=64)  # one batch holds all
+    cfg = tiny_config(architecture=architecture, batch_size=64, epochs=1)  # one batch holds all of them
     classifier, history, _ = fit_classifier(cfg, sequences, labels, matrix, 3, 30, tmp_path)
     assert np.isfinite(history[0]["loss"]) and np.isfinite(history[0]["val_loss"])
     probs = predict_proba(classifier, [np.zeros(0, np.int32), sequences[30]], 30)
@@ -203,7 +203,7 @@ def test_predictions_do_not_depend_on_the_padding_of_the_batch(tmp_path):
     from tasks.model import fit_classifier, predict_proba
 
     sequences, labels, matrix = synthetic_sequences(n=60)
-    classifier, _, _ = fit_classifier(tiny_config(epochs=1, bow_bigram_buckets=64), sequences, labels, matrix, 3, 30, tmp_path)
+    classifier, _, _ = fit_classifier(tiny_config(epochs=1), sequences, labels, matrix, 3, 30, tmp_path)
     short, long_ = sequences[3][:4], np.arange(1, 29, dtype=np.int32)
     alone = predict_proba(classifier, [short], 30)
     padded = predict_proba(classifier, [short, long_], 30)  # one batch, padded to 28 steps
@@ -292,15 +292,3 @@ def test_same_code_trains_on_other_backends(backend):
                            capture_output=True, text=True, timeout=280)
     assert child.returncode == 0 and "ok" in child.stdout, child.stderr[-3000:]
 
-
-def test_bigram_hash_is_the_same_in_numpy_and_in_the_model():
-    from keras import ops
-
-    from tasks.model import bigram_ids
-
-    rng = np.random.default_rng(0)
-    first, second = rng.integers(0, 200_000, size=(2, 1000)).astype(np.int32)
-    expected = bigram_ids(first.astype(np.int64), second.astype(np.int64), 200_001, 2**18)
-    got = np.asarray(ops.convert_to_numpy(bigram_ids(ops.convert_to_tensor(first), ops.convert_to_tensor(second), 200_001, 2**18)))
-    np.testing.assert_array_equal(got, expected)
-    assert expected.min() >= 200_001 and expected.max() < 200_001 + 2**18
