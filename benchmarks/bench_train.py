@@ -64,8 +64,8 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(data_dir: Path, settings: list[str], word_counts: set[int]) -> tuple[dict, dict]:
-    """{(setting, num_words): arrays} built with the project's pure step functions, and the configs used."""
+def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str]]) -> tuple[dict, dict]:
+    """{(setting, num_words, truncation): arrays} built with the project's pure step functions, and the configs used."""
     from storage.archives import iter_archive
     from tasks.config import CorpusConfig, EmbeddingsConfig, TokenizeConfig
     from tasks.corpus import build_documents
@@ -88,13 +88,13 @@ def prepare(data_dir: Path, settings: list[str], word_counts: set[int]) -> tuple
                                        archive="20news-bydate.tar.gz")
         texts = documents["text"]
         is_test = np.asarray(documents["split"].to_pylist()) == "test"
-        for num_words in sorted(word_counts):
-            cfg = TokenizeConfig(num_words=num_words, max_length=RECIPE["max_length"])
+        for num_words, truncation in sorted(tokenizers):
+            cfg = TokenizeConfig(num_words=num_words, max_length=RECIPE["max_length"], truncation=truncation)
             rules = rules_of(cfg)
             vocab, _ = fit_vocabulary([texts.filter(~is_test)], rules, cfg.num_words)
             ids, _ = encode(split_words(texts, rules), vocab, rules)
             matrix, hit = embedding_matrix(vocab, vectors, embeddings_cfg.oov_init, embeddings_cfg.seed)
-            prepared[(setting, num_words)] = {
+            prepared[(setting, num_words, truncation)] = {
                 "offsets": ids.offsets.to_numpy().astype(np.int64),
                 "ids": ids.values.to_numpy(zero_copy_only=False).astype(np.int32),
                 "labels": documents["label"].to_numpy().astype(np.int16),
@@ -102,20 +102,20 @@ def prepare(data_dir: Path, settings: list[str], word_counts: set[int]) -> tuple
                 "matrix": matrix,
                 "groups": sorted(set(documents["group"].to_pylist())),
             }
-            configs[f"{setting}-w{num_words}"] = {"tokenize": cfg.model_dump(), "embeddings": embeddings_cfg.model_dump(),
+            configs[dataset_name(setting, num_words, truncation)] = {"tokenize": cfg.model_dump(), "embeddings": embeddings_cfg.model_dump(),
                                                   "glove_hit_rate": round(float(hit[1:].mean()), 4)}
-        log(f"{setting}: {documents.num_rows} documents tokenized for {sorted(word_counts)} words, {time.perf_counter() - started:.1f} s")
+        log(f"{setting}: {documents.num_rows} documents tokenized for {sorted(tokenizers)}, {time.perf_counter() - started:.1f} s")
     return prepared, configs
 
 
 def export(prepared: dict, configs: dict, train_configs: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for (setting, num_words), d in prepared.items():
+    for key, d in prepared.items():
         ids_dtype = np.uint16 if d["matrix"].shape[0] <= 65536 else np.int32
-        np.savez_compressed(out / f"{setting}-w{num_words}.npz", offsets=d["offsets"], ids=d["ids"].astype(ids_dtype),
+        np.savez_compressed(out / f"{dataset_name(*key)}.npz", offsets=d["offsets"], ids=d["ids"].astype(ids_dtype),
                             labels=d["labels"], is_test=d["is_test"], matrix=d["matrix"].astype(np.float16),
                             groups=np.array(d["groups"]))
-    manifest = {"datasets": sorted(f"{s}-w{w}" for s, w in prepared), "configs": configs, "train_presets": train_configs,
+    manifest = {"datasets": sorted(dataset_name(*key) for key in prepared), "configs": configs, "train_presets": train_configs,
                 "note": "ids uint16, matrix float16 (GloVe rounded to ~3 significant digits)"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.iterdir())
@@ -126,13 +126,17 @@ def load_exported(src: Path) -> tuple[dict, dict]:
     manifest = json.loads((src / "manifest.json").read_text())
     prepared = {}
     for name in manifest["datasets"]:
-        setting, words = name.rsplit("-w", 1)
+        setting, words, truncation = name.split("-")
         with np.load(src / f"{name}.npz") as z:
-            prepared[(setting, int(words))] = {
+            prepared[(setting, int(words[1:]), truncation)] = {
                 "offsets": z["offsets"], "ids": z["ids"].astype(np.int32), "labels": z["labels"], "is_test": z["is_test"],
                 "matrix": z["matrix"].astype(np.float32), "groups": [str(g) for g in z["groups"]],
             }
     return prepared, manifest
+
+
+def dataset_name(setting: str, num_words: int, truncation: str) -> str:
+    return f"{setting}-w{num_words}-{truncation}"
 
 
 def sequences_of(d: dict) -> list[np.ndarray]:
@@ -141,6 +145,10 @@ def sequences_of(d: dict) -> list[np.ndarray]:
 
 
 # -- configs (pydantic when available, the exported dump otherwise) ------------------------------------
+def tokenizer_of(cfg: dict) -> tuple[int, str]:
+    return cfg["num_words"], cfg.get("truncation", "head")
+
+
 def train_configs(presets: list[str], epochs: int | None, exported: dict | None) -> dict:
     try:
         from tasks.config import PipelineConfig, with_preset
@@ -152,7 +160,7 @@ def train_configs(presets: list[str], epochs: int | None, exported: dict | None)
         resolved = {}
         for p in presets:
             cfg = with_preset(PipelineConfig(), p)
-            resolved[p] = {**cfg.train.model_dump(), "num_words": cfg.tokenize.num_words}
+            resolved[p] = {**cfg.train.model_dump(), "num_words": cfg.tokenize.num_words, "truncation": cfg.tokenize.truncation}
     if epochs:
         for cfg in resolved.values():
             cfg["epochs"] = epochs
@@ -303,10 +311,12 @@ def main() -> int:
         data_configs = exported["configs"]
     else:
         configs = train_configs(presets, args.epochs, None)
-        words = {c["num_words"] for c in configs.values()}
-        if args.export_dir:  # export every preset's vocabulary, so the GPU run can pick any
-            words |= {c["num_words"] for c in train_configs(["default", "seed"], None, None).values()}
-        prepared, data_configs = prepare(args.data, settings, words | {RECIPE["num_words"]})
+        tokenizers = {tokenizer_of(c) for c in configs.values()}
+        if args.export_dir:  # export every preset's tokens, so the GPU run can pick any
+            tokenizers |= {tokenizer_of(c) for c in train_configs(["default", "seed"], None, None).values()}
+        if not any(words == RECIPE["num_words"] for words, _ in tokenizers):
+            tokenizers.add((RECIPE["num_words"], "tail"))
+        prepared, data_configs = prepare(args.data, settings, tokenizers)
         if args.export_dir:
             export(prepared, data_configs, train_configs(["default", "seed"], None, None), args.export_dir)
             if args.export_only:
@@ -321,15 +331,16 @@ def main() -> int:
         log(f"== {setting}")
         entry = results["settings"][setting] = {}
         if not args.no_baselines:
-            d = prepared[(setting, configs[presets[0]]["num_words"] if presets else 50_000)]
-            entry["baselines"] = baselines(d, sequences_of(d))
+            d = prepared[(setting, *tokenizer_of(configs[presets[0]]))] if presets else None
+            entry["baselines"] = baselines(d, sequences_of(d)) if d else {}
         for preset in presets:
             cfg = configs[preset]
-            d = prepared[(setting, cfg["num_words"])]
-            train_cfg = {k: v for k, v in cfg.items() if k != "num_words"}
+            d = prepared[(setting, *tokenizer_of(cfg))]
+            train_cfg = {k: v for k, v in cfg.items() if k not in ("num_words", "truncation")}
             entry[preset] = train_preset(preset, train_cfg, d, sequences_of(d))
-        if args.recipe_batches and (setting, RECIPE["num_words"]) in prepared:
-            d = prepared[(setting, RECIPE["num_words"])]
+        recipe_data = [key for key in prepared if key[:2] == (setting, RECIPE["num_words"])]
+        if args.recipe_batches and recipe_data:
+            d = prepared[recipe_data[0]]
             reference = next((entry[p] for p in presets), None)
             documents = reference["train_documents"] if reference else int((~d["is_test"]).sum())
             entry["original_recipe"] = time_original_recipe(d, sequences_of(d), args.recipe_batches, documents)

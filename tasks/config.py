@@ -102,7 +102,7 @@ class TrainConfig(_Frozen):
     learning_rate: float = Field(3e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # slice of the TRAIN split for early stopping
-    patience: int = Field(3, ge=0)  # epochs without a better validation accuracy before stopping
+    patience: int = Field(3, ge=0)  # epochs without a lower validation loss (of the mixture) before stopping
     seed: int = 1337
     deployment: str | None = None  # e.g. "train-lstm/gpu": run training on that work pool
 
@@ -118,8 +118,8 @@ TRAIN_PRESETS: dict[str, dict] = {
     ),
 }
 TOKENIZE_PRESETS: dict[str, dict] = {
-    "default": {name: TokenizeConfig.model_fields[name].default for name in ("num_words", "max_length")},
-    "seed": dict(num_words=20_000, max_length=1000),
+    "default": {name: TokenizeConfig.model_fields[name].default for name in ("num_words", "max_length", "truncation")},
+    "seed": dict(num_words=20_000, max_length=1000, truncation="tail"),  # pad_sequences' default keeps the end
 }
 
 

@@ -253,14 +253,17 @@ def test_reverse_within_length_and_last_step():
     np.testing.assert_array_equal(last, [3, 1, 5])
 
 
-def test_mixture_weights_are_chosen_on_validation_accuracy():
-    from tasks.model import choose_mixture
+def test_mixture_weights_are_chosen_on_validation_loss():
+    from tasks.model import choose_mixture, mixture_probabilities
 
     labels = np.array([0, 1, 0, 1])
     good = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
     bad = good[:, ::-1]
-    weights, accuracy = choose_mixture(np.stack([bad, good], axis=1), labels)
-    assert accuracy == 1.0 and weights[1] > weights[0]
+    weights, loss = choose_mixture(np.stack([bad, good], axis=1), labels)
+    assert weights.tolist() == [0.0, 1.0]
+    assert loss == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.7, 0.6])))
+    mixed = mixture_probabilities(np.stack([good, good], axis=1), np.array([0.5, 0.5]))
+    np.testing.assert_allclose(mixed, good)
 
 
 # -- other backends --------------------------------------------------------------------------------------
