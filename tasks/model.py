@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from storage.errors import InputFormatError, TrainingDiverged
+from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 
 if TYPE_CHECKING:  # any object with TrainConfig's attributes works (the GPU benchmark runs without pydantic)
     from tasks.config import TrainConfig
@@ -604,6 +604,12 @@ def _restore(model: keras.Model, work_dir: Path, log) -> dict | None:
     return None
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """OOM as each backend reports it (TF ResourceExhaustedError, torch OutOfMemoryError, XLA RESOURCE_EXHAUSTED)."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return isinstance(exc, MemoryError) or any(s in text for s in ("out of memory", "resource_exhausted", "resourceexhausted", "oom when"))
+
+
 def fit_classifier(
     cfg: TrainConfig,
     sequences: Sequence[np.ndarray],
@@ -646,7 +652,16 @@ def fit_classifier(
                                  classifier, history, log, max_length)
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not (progress and progress.get("stopped")):
-        training_model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=[checkpoint], verbose=0)
+        try:
+            training_model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=[checkpoint], verbose=0)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
+            if not _is_out_of_memory(exc):
+                raise
+            raise PipelineError(
+                f"{info['device']} out of memory training with batch_size={cfg.batch_size} on {info['device_name']} "
+                f"({type(exc).__name__}); lower train.batch_size or train.lstm_max_tokens. "
+                f"Finished epochs are kept in {work_dir} and the next run resumes from them"
+            ) from exc
     final = _checkpoints(work_dir)
     if final and (final[0] / "best.npz").exists():
         with np.load(final[0] / "best.npz") as best:

@@ -295,3 +295,18 @@ def test_same_code_trains_on_other_backends(backend):
                            capture_output=True, text=True, timeout=280)
     assert child.returncode == 0 and "ok" in child.stdout, child.stderr[-3000:]
 
+
+
+def test_out_of_memory_is_reported_as_a_batch_size_problem(tmp_path, monkeypatch):
+    import keras
+
+    from storage.errors import PipelineError
+    from tasks.model import fit_classifier
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(keras.Model, "fit", oom)
+    sequences, labels, matrix = synthetic_sequences()
+    with pytest.raises(PipelineError, match="batch_size=16"):
+        fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp_path)
