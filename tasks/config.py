@@ -90,14 +90,14 @@ class TrainConfig(_Frozen):
     # bilstm_pool: bidirectional LSTM, masked max+mean pooling over time;
     # lstm_last: one LSTM read up to each document's last token (the original recipe, no Dense(1) bottleneck)
     architecture: Literal["bilstm_pool", "lstm_last"] = "bilstm_pool"
-    lstm_units: int = Field(64, ge=1)
+    lstm_units: int = Field(96, ge=1)
     lstm_max_tokens: int | None = Field(400, ge=1)  # the LSTM reads the first N tokens; pooled branches read all
     swem_branch: bool = True  # masked max+mean of the word vectors (SWEM)
     bow_branch: bool = True  # a linear bag-of-words branch (per-word class scores, trained from zero)
     embedding_dropout: float = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)
     dropout: float = Field(0.3, ge=0, lt=1)  # before the classifier
     unfreeze_embeddings_after: int | None = Field(1, ge=0)  # epochs of frozen GloVe; None = frozen throughout
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
