@@ -13,10 +13,12 @@ For each setting: test accuracy and macro-F1 of each preset (tasks.model.fit_cla
 `train` step runs; early stopping on a slice of the training split only), next to TF-IDF + LinearSVC
 and TF-IDF + LogisticRegression (sublinear TF-IDF over the same token ids the models read).
 
-Speed: seconds per epoch of each preset (measured: every epoch, including its validation pass) vs
-the original recipe's model (Embedding -> LSTM(100, dropout=0.2, recurrent_dropout=0.2) -> Dense(1,
-sigmoid) -> Dense(20, softmax), every sequence padded to 1,000, batch 32): that one is timed on a
-fixed number of batches and EXTRAPOLATED to one epoch over the same training documents.
+Speed: seconds per epoch of each preset (measured: every epoch, including its validation pass and
+checkpoint; median over epochs) vs the original recipe's model (Embedding -> LSTM(100, dropout=0.2,
+recurrent_dropout=0.2) -> Dense(1, sigmoid) -> Dense(20, softmax), every sequence padded to 1,000,
+batch 32): that one is timed on --recipe-batches batches, in chunks before, between and after our
+trainings (the machine is shared: contention changes by 2x within minutes), and its median batch
+time is EXTRAPOLATED to one epoch over the same training documents.
 
 GPU machines without Prefect/TensorFlow/pydantic: prepare here with --export-dir DIR (numpy .npz, ids
 uint16 and matrices float16, well under 40 MB), copy DIR, and run there with --from-dir DIR
@@ -149,7 +151,7 @@ def tokenizer_of(cfg: dict) -> tuple[int, str]:
     return cfg["num_words"], cfg.get("truncation", "head")
 
 
-def train_configs(presets: list[str], epochs: int | None, exported: dict | None) -> dict:
+def train_configs(presets: list[str], epochs: int | None, exported: dict | None, overrides: list[str] = ()) -> dict:
     try:
         from tasks.config import PipelineConfig, with_preset
     except ImportError:  # GPU machine without pydantic: the presets as exported
@@ -161,9 +163,14 @@ def train_configs(presets: list[str], epochs: int | None, exported: dict | None)
         for p in presets:
             cfg = with_preset(PipelineConfig(), p)
             resolved[p] = {**cfg.train.model_dump(), "num_words": cfg.tokenize.num_words, "truncation": cfg.tokenize.truncation}
-    if epochs:
-        for cfg in resolved.values():
-            cfg["epochs"] = epochs
+    changes = {"epochs": epochs} if epochs else {}
+    for item in overrides:
+        field, _, value = item.partition("=")
+        if field not in next(iter(resolved.values()), {}):
+            raise SystemExit(f"--set {item}: unknown training field {field!r}")
+        changes[field] = json.loads(value)
+    for cfg in resolved.values():
+        cfg.update(changes)
     return resolved
 
 
@@ -240,44 +247,58 @@ class _Printer:
     warning = info
 
 
-def time_original_recipe(d: dict, sequences: list[np.ndarray], batches: int, train_documents: int) -> dict:
-    """The original recipe's model on batches of 32 sequences pre-padded to 1,000: time `batches` batches."""
-    import keras
-    from keras import layers
+class RecipeTimer:
+    """The original recipe's model on batches of 32 sequences pre-padded to 1,000, timed in chunks.
 
-    keras.utils.set_random_seed(0)
-    words, length, batch = RECIPE["num_words"], RECIPE["max_length"], RECIPE["batch_size"]
-    model = keras.Sequential([
-        keras.Input((length,), dtype="int32"),
-        layers.Embedding(words + 1, d["matrix"].shape[1], trainable=False),
-        layers.LSTM(RECIPE["units"], dropout=0.2, recurrent_dropout=0.2),
-        layers.Dense(1, activation="sigmoid"),
-        layers.Dense(len(d["groups"]), activation="softmax"),
-    ])
-    model.layers[0].set_weights([d["matrix"][: words + 1]])
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    rng = np.random.default_rng(0)
-    train_rows = np.flatnonzero(~d["is_test"])
-    labels = d["labels"].astype(np.int32)
+    The chunks are spread over the run (before, between and after our trainings), so the recipe and
+    our epochs see the same CPU contention from whatever else the machine is doing.
+    """
 
-    def padded(rows):  # Keras pad_sequences defaults: pad and truncate at the front
-        x = np.zeros((len(rows), length), dtype=np.int32)
+    def __init__(self, d: dict, sequences: list[np.ndarray]):
+        import keras
+        from keras import layers
+
+        keras.utils.set_random_seed(0)
+        words, self.length, self.batch = RECIPE["num_words"], RECIPE["max_length"], RECIPE["batch_size"]
+        self.model = keras.Sequential([
+            keras.Input((self.length,), dtype="int32"),
+            layers.Embedding(words + 1, d["matrix"].shape[1], trainable=False),
+            layers.LSTM(RECIPE["units"], dropout=0.2, recurrent_dropout=0.2),
+            layers.Dense(1, activation="sigmoid"),
+            layers.Dense(len(d["groups"]), activation="softmax"),
+        ])
+        self.model.layers[0].set_weights([d["matrix"][: words + 1]])
+        self.model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        self.rng = np.random.default_rng(0)
+        self.rows = np.flatnonzero(~d["is_test"])
+        self.labels, self.sequences = d["labels"].astype(np.int32), sequences
+        self.seconds: list[float] = []
+        self.model.train_on_batch(*self._batch())  # build + trace: not timed
+
+    def _batch(self):  # Keras pad_sequences defaults: pad and truncate at the front
+        rows = self.rng.choice(self.rows, self.batch)
+        x = np.zeros((len(rows), self.length), dtype=np.int32)
         for r, i in enumerate(rows):
-            s = sequences[i][-length:]
+            s = self.sequences[i][-self.length:]
             if len(s):
                 x[r, -len(s):] = s
-        return x, labels[rows]
+        return x, self.labels[rows]
 
-    model.train_on_batch(*padded(rng.choice(train_rows, batch)))  # build + trace: not timed
-    started = time.perf_counter()
-    for _ in range(batches):
-        model.train_on_batch(*padded(rng.choice(train_rows, batch)))
-    per_batch = (time.perf_counter() - started) / batches
-    per_epoch = per_batch * math.ceil(train_documents / batch)
-    log(f"  original recipe: {per_batch:.3f} s per batch of {batch} (timed {batches} batches) "
-        f"-> {per_epoch:.0f} s per epoch of {train_documents} documents (extrapolated)")
-    return {"seconds_per_batch": round(per_batch, 4), "batches_timed": batches, "train_documents": train_documents,
-            "extrapolated_seconds_per_epoch": round(per_epoch, 1)}
+    def sample(self, batches: int) -> None:
+        for _ in range(batches):
+            x, y = self._batch()
+            started = time.perf_counter()
+            self.model.train_on_batch(x, y)
+            self.seconds.append(time.perf_counter() - started)
+
+    def summary(self, train_documents: int) -> dict:
+        steps = math.ceil(train_documents / self.batch)
+        median, best = statistics.median(self.seconds), min(self.seconds)
+        log(f"  original recipe: {median:.3f} s per batch of {self.batch} (median of {len(self.seconds)} timed batches, "
+            f"min {best:.3f}) -> {median * steps:.0f} s per epoch of {train_documents} documents (extrapolated)")
+        return {"seconds_per_batch": [round(t, 4) for t in self.seconds], "median_seconds_per_batch": round(median, 4),
+                "min_seconds_per_batch": round(best, 4), "batches_timed": len(self.seconds), "train_documents": train_documents,
+                "extrapolated_seconds_per_epoch": round(median * steps, 1), "extrapolated_min_seconds_per_epoch": round(best * steps, 1)}
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -288,7 +309,10 @@ def main() -> int:
     parser.add_argument("--presets", default="default,seed")
     parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"), help="KERAS_BACKEND (default: as set, else tensorflow)")
     parser.add_argument("--epochs", type=int, help="override every preset's epochs (e.g. for a quick look)")
-    parser.add_argument("--recipe-batches", type=int, default=8, help="batches timed for the original recipe (0: skip)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a training field of every preset, e.g. --set lstm_max_tokens=256 (JSON values)")
+    parser.add_argument("--recipe-batches", type=int, default=12,
+                        help="batches of the original recipe timed, in chunks before/between/after the presets (0: skip)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--export-dir", type=Path, help="save the prepared arrays here (for a machine without the data layer)")
     parser.add_argument("--export-only", action="store_true", help="with --export-dir: prepare, export and stop")
@@ -307,10 +331,10 @@ def main() -> int:
     exported = None
     if args.from_dir:
         prepared, exported = load_exported(args.from_dir)
-        configs = train_configs(presets, args.epochs, exported)
+        configs = train_configs(presets, args.epochs, exported, args.set)
         data_configs = exported["configs"]
     else:
-        configs = train_configs(presets, args.epochs, None)
+        configs = train_configs(presets, args.epochs, None, args.set)
         tokenizers = {tokenizer_of(c) for c in configs.values()}
         if args.export_dir:  # export every preset's tokens, so the GPU run can pick any
             tokenizers |= {tokenizer_of(c) for c in train_configs(["default", "seed"], None, None).values()}
@@ -333,21 +357,27 @@ def main() -> int:
         if not args.no_baselines:
             d = prepared[(setting, *tokenizer_of(configs[presets[0]]))] if presets else None
             entry["baselines"] = baselines(d, sequences_of(d)) if d else {}
+        recipe_data = [key for key in prepared if key[:2] == (setting, RECIPE["num_words"])]
+        timer = RecipeTimer(prepared[recipe_data[0]], sequences_of(prepared[recipe_data[0]])) if args.recipe_batches and recipe_data else None
+        chunk = max(1, args.recipe_batches // (len(presets) + 1))
+        if timer:
+            timer.sample(chunk)
         for preset in presets:
             cfg = configs[preset]
             d = prepared[(setting, *tokenizer_of(cfg))]
             train_cfg = {k: v for k, v in cfg.items() if k not in ("num_words", "truncation")}
             entry[preset] = train_preset(preset, train_cfg, d, sequences_of(d))
-        recipe_data = [key for key in prepared if key[:2] == (setting, RECIPE["num_words"])]
-        if args.recipe_batches and recipe_data:
-            d = prepared[recipe_data[0]]
+            if timer:
+                timer.sample(chunk)
+        if timer:
             reference = next((entry[p] for p in presets), None)
-            documents = reference["train_documents"] if reference else int((~d["is_test"]).sum())
-            entry["original_recipe"] = time_original_recipe(d, sequences_of(d), args.recipe_batches, documents)
+            documents = reference["train_documents"] if reference else int((~prepared[recipe_data[0]]["is_test"]).sum())
+            recipe = entry["original_recipe"] = timer.summary(documents)
             for preset in presets:
-                if entry[preset]["median_seconds_per_epoch"]:
-                    entry[preset]["speedup_vs_original_recipe"] = round(
-                        entry["original_recipe"]["extrapolated_seconds_per_epoch"] / entry[preset]["median_seconds_per_epoch"], 1)
+                ours = entry[preset]["seconds_per_epoch"]
+                if ours:
+                    entry[preset]["speedup_vs_original_recipe"] = round(recipe["extrapolated_seconds_per_epoch"] / statistics.median(ours), 1)
+                    entry[preset]["speedup_min_vs_min"] = round(recipe["extrapolated_min_seconds_per_epoch"] / min(ours), 1)
 
     print_table(results, presets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +402,8 @@ def print_table(results: dict, presets: list[str]) -> None:
                   f"{r['median_seconds_per_epoch']:>9.1f} {ratio:>9}")
         if recipe:
             print(f"{setting:<12} {'original recipe':<22} {'':>8} {'':>8} {recipe['extrapolated_seconds_per_epoch']:>9.1f} "
-                  f"{'1.0x':>9}   (extrapolated from {recipe['batches_timed']} batches)")
+                  f"{'1.0x':>9}   (extrapolated from the median of {recipe['batches_timed']} timed batches)")
+    print("s/epoch: median over epochs (ours, measured) and batches x median batch time (recipe, extrapolated)")
 
 
 if __name__ == "__main__":

@@ -546,7 +546,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             "accuracy": logs.get("accuracy"),  # mean over the experts (each trained on its own)
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,  # of the mixture
-            "learning_rate": float(np.asarray(self.model.optimizer.learning_rate)),
+            "learning_rate": float(ops.convert_to_numpy(self.model.optimizer.learning_rate)),
             "seconds": round(time.perf_counter() - self.epoch_started, 3),
             "mixture": [round(float(w), 3) for w in weights],
             "expert_val_accuracy": [round(float((expert_probs[:, i].argmax(1) == labels).mean()), 4)
@@ -577,7 +577,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if improved:
             np.savez(staging / "best.npz", *self.classifier.get_weights())
         elif previous and (previous[0] / "best.npz").exists():
-            shutil.copyfile(previous[0] / "best.npz", staging / "best.npz")
+            try:  # a hard link: the best weights are not rewritten every epoch
+                os.link(previous[0] / "best.npz", staging / "best.npz")
+            except OSError:
+                shutil.copyfile(previous[0] / "best.npz", staging / "best.npz")
         progress = {"epoch": epoch, "best_epoch": self.best_epoch, "stopped": stopped, "history": self.history}
         (staging / "progress.json").write_text(json.dumps(progress))
         target = self.work_dir / f"{_CKPT_PREFIX}{epoch:04d}"
