@@ -400,7 +400,9 @@ def _quiet_defaults(verbose: bool) -> None:
     if not verbose:
         # Run logs still reach the Prefect API/UI; only the console copy (with tracebacks) is silenced.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        progress = logging.getLogger("newsgroups_lstm.progress")
+        from tasks.common import PROGRESS_LOGGER  # imports Prefect: only after the settings above
+
+        progress = logging.getLogger(PROGRESS_LOGGER)
         if not any(isinstance(h, _StderrHandler) for h in progress.handlers):
             handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))

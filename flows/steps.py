@@ -9,25 +9,19 @@ artifact there, tells Prefect to recompute (refresh_cache=True) instead of trust
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Any
 
-from prefect.context import FlowRunContext
-from prefect.logging import get_run_logger
 from prefect.states import State
 
 from storage.artifacts import ArtifactRef, ArtifactStore
-
-PROGRESS_LOGGER = "newsgroups_lstm.progress"  # the CLI prints this logger's records as progress
+from tasks.common import step_logger
 
 
 def say(message: str) -> None:
     """One progress line: to the run's log (the UI) and to the CLI's progress logger."""
-    if FlowRunContext.get():
-        get_run_logger().info(message)
-    logging.getLogger(PROGRESS_LOGGER).info(message)
+    step_logger().info(message)
 
 
 def validated(task, store: ArtifactStore, step: str, key: str | None):

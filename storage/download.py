@@ -28,7 +28,7 @@ import urllib3
 
 from storage.errors import ChecksumMismatch, DownloadError, TransientError
 
-log = logging.getLogger("newsgroups_lstm")
+log = logging.getLogger("newsgroups_lstm.progress")  # = tasks.common.PROGRESS_LOGGER: the CLI prints it
 
 CHUNK = 1 << 20
 NET_CHUNK = 256 * 1024

@@ -19,6 +19,7 @@ from prefect.logging import get_run_logger
 from storage.errors import TransientError
 
 STEP_CACHE_POLICY = INPUTS + TASK_SOURCE
+PROGRESS_LOGGER = "newsgroups_lstm.progress"  # the CLI prints this logger's records as progress lines
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -51,8 +52,23 @@ def step_task(name: str, *, retries: int = 2, retry_delay_seconds: list[float] |
     )
 
 
-def step_logger(name: str = "newsgroups_lstm") -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow/task run (shows in the UI), a plain logger elsewhere."""
+class _Tee:
+    """Sends each log call to several loggers."""
+
+    def __init__(self, *loggers: logging.Logger | logging.LoggerAdapter):
+        self._loggers = loggers
+
+    def __getattr__(self, level: str) -> Callable:
+        def log(msg, *args, **kwargs) -> None:
+            for logger in self._loggers:
+                getattr(logger, level)(msg, *args, **kwargs)
+
+        return log
+
+
+def step_logger() -> logging.Logger | _Tee:
+    """Progress of a step: to Prefect's run log (the UI) inside a run, and to the CLI's progress lines."""
+    progress = logging.getLogger(PROGRESS_LOGGER)
     if TaskRunContext.get() or FlowRunContext.get():
-        return get_run_logger()
-    return logging.getLogger(name)
+        return _Tee(get_run_logger(), progress)
+    return progress
