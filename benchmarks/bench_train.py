@@ -223,18 +223,28 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
         )
         train_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    probabilities = predict_proba(classifier, [sequences[i] for i in test_rows], RECIPE["max_length"])
+    test_sequences = [sequences[i] for i in test_rows]
+    probabilities = predict_proba(classifier, test_sequences, RECIPE["max_length"])
+    predict_seconds = time.perf_counter() - started
     result = scores(labels[test_rows], probabilities.argmax(1), len(d["groups"]))
+    if summary["mixture"] and len(summary["mixture"]) > 1:  # each expert on its own, for the record
+        import keras
+
+        experts = keras.Model(classifier.inputs, classifier.get_layer("experts").output)
+        expert_probs = predict_proba(experts, test_sequences, RECIPE["max_length"])
+        result["expert_accuracy"] = [round(float((expert_probs[:, e].argmax(1) == labels[test_rows]).mean()), 4)
+                                     for e in range(expert_probs.shape[1])]
     epochs = summary["seconds_per_epoch"]
     result.update(
-        train_seconds=round(train_seconds, 1), predict_seconds=round(time.perf_counter() - started, 1),
+        train_seconds=round(train_seconds, 1), predict_seconds=round(predict_seconds, 1),
         epochs_run=summary["epochs_run"], best_epoch=summary["best_epoch"], stopped_early=summary["stopped_early"],
         seconds_per_epoch=epochs, median_seconds_per_epoch=round(statistics.median(epochs), 2) if epochs else None,
         mixture=summary["mixture"], backend=summary["backend"], device=summary["device_name"],
         train_documents=summary["train_documents"], validation_documents=summary["validation_documents"],
     )
     log(f"  {name}: accuracy {result['accuracy']}, macro-F1 {result['macro_f1']}, "
-        f"{result['median_seconds_per_epoch']} s/epoch (median of {len(epochs)}), {result['train_seconds']} s training")
+        f"{result['median_seconds_per_epoch']} s/epoch (median of {len(epochs)}), {result['train_seconds']} s training"
+        + (f"; experts alone {result['expert_accuracy']}" if "expert_accuracy" in result else ""))
     return result
 
 

@@ -97,7 +97,7 @@ def label_names(store: ArtifactStore, tokens: ArtifactRef, n_labels: int) -> lis
 
 # -- step -------------------------------------------------------------------------------------------
 STEP = "runs"
-VERSION = 1
+VERSION = 2  # 2: sublinear tf-idf bag of words; a run trained by version 1 would predict differently here
 
 
 def run_key(cfg: TrainConfig, tokens: ArtifactRef, embeddings: ArtifactRef) -> str:

@@ -91,7 +91,7 @@ def test_presets():
     assert (seed.tokenize.num_words, seed.tokenize.max_length) == (20_000, 1000)
     assert seed.train.preset == "seed" and seed.train.architecture == "lstm_last" and seed.train.lstm_units == 100
     assert seed.train.unfreeze_embeddings_after is None and (seed.train.epochs, seed.train.batch_size) == (5, 32)
-    assert not seed.train.bow_branch and not seed.train.swem_branch
+    assert not seed.train.bow_branch and not seed.train.swem_branch and seed.train.lstm_stride == 1  # one word per step
     default = with_preset(seed, "default")
     assert default.train == TrainConfig() and default.tokenize.num_words == PipelineConfig().tokenize.num_words
     with pytest.raises(ValueError, match="unknown preset"):
@@ -184,7 +184,7 @@ def test_matrix_that_does_not_match_the_vocabulary_is_rejected_before_building(t
 
 
 # -- empty documents, padding and bucketing -------------------------------------------------------------
-@pytest.mark.parametrize("architecture", ["bilstm_pool", "lstm_last"])
+@pytest.mark.parametrize("architecture", ["lstm_pool", "bilstm_pool", "lstm_last"])
 def test_batches_holding_empty_documents_train_without_nan(tmp_path, architecture):
     from tasks.model import pad_batch, predict_proba, fit_classifier
 
@@ -253,17 +253,68 @@ def test_reverse_within_length_and_last_step():
     np.testing.assert_array_equal(last, [3, 1, 5])
 
 
-def test_mixture_weights_are_chosen_on_validation_loss():
-    from tasks.model import choose_mixture, mixture_probabilities
+def test_merge_steps_concatenates_word_pairs_within_each_length():
+    from tasks.model import MergeSteps
 
-    labels = np.array([0, 1, 0, 1])
-    good = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
-    bad = good[:, ::-1]
-    weights, loss = choose_mixture(np.stack([bad, good], axis=1), labels)
-    assert weights.tolist() == [0.0, 1.0]
-    assert loss == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.7, 0.6])))
-    mixed = mixture_probabilities(np.stack([good, good], axis=1), np.array([0.5, 0.5]))
-    np.testing.assert_allclose(mixed, good)
+    x = np.arange(1, 6, dtype=np.float32)[None, :, None].repeat(3, axis=0)  # rows 1..5, one feature
+    merged, lengths = MergeSteps(2)([x, np.array([3, 0, 5], dtype=np.int32)])
+    np.testing.assert_array_equal(np.asarray(merged)[:, :, :], [
+        [[1, 2], [3, 0], [0, 0]],  # length 3: two steps, the padding after it is zeroed, not merged in
+        [[1, 0], [0, 0], [0, 0]],  # an empty document keeps one step
+        [[1, 2], [3, 4], [5, 0]],  # odd width: padded to a whole pair
+    ])
+    np.testing.assert_array_equal(np.asarray(lengths), [2, 1, 3])
+
+
+def test_mixture_weights_are_chosen_on_validation_loss():
+    from tasks.model import _log_loss, choose_mixture, mixture_probabilities
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=400)
+    logits = rng.normal(0, 1, size=(400, 4))
+    logits[np.arange(400), labels] += 1.0
+    calibrated = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    sharp = np.exp(6 * logits) / np.exp(6 * logits).sum(1, keepdims=True)  # right as often, far too sure of itself
+    noise = rng.dirichlet(np.ones(4), size=400)
+    experts = np.stack([sharp, noise, calibrated], axis=1)
+
+    weights, loss = choose_mixture(experts, labels)
+    assert loss == pytest.approx(_log_loss(mixture_probabilities(experts, weights), labels))
+    assert weights[1] < 0.05, "an uninformative expert gets (almost) no weight"
+    assert weights[0] < 0.5 * weights[2], "an over-confident expert is damped, not trusted"
+    # The convex optimum: no point of a fine grid over [0, 4]^3 does better.
+    grid = np.stack(np.meshgrid(*[np.linspace(0, 4, 21)] * 3), -1).reshape(-1, 3)
+    best_on_grid = min(_log_loss(mixture_probabilities(experts, w), labels) for w in grid)
+    assert loss <= best_on_grid + 1e-6
+
+    separable = np.stack([calibrated, calibrated], axis=1)
+    weights, _ = choose_mixture(separable, calibrated.argmax(1), max_weight=4.0)
+    np.testing.assert_allclose(weights, [4.0, 4.0], err_msg="sharpening is bounded when the slice is separable")
+    mixed = mixture_probabilities(np.stack([calibrated, calibrated], axis=1), np.array([0.5, 0.5]))
+    np.testing.assert_allclose(mixed, calibrated, rtol=1e-6)
+
+
+def test_bag_of_words_weighs_terms_by_sublinear_tf_idf():
+    """Per occurrence (1 + ln tf) / tf * idf, so each word counts (1 + ln tf) * idf, over the tf-idf vector's norm."""
+    from tasks.model import BagOfWordsScores, term_counts
+
+    ids = np.array([[5, 3, 5, 5, 0, 7], [2, 2, 9, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=np.int32)
+    lengths = np.array([4, 3, 0], dtype=np.int32)
+    np.testing.assert_array_equal(np.asarray(term_counts(ids, lengths))[:2, :4], [[3, 1, 3, 3], [2, 2, 1, 3]])
+
+    layer = BagOfWordsScores(10, 2, scale=1.0)
+    layer.build(None)
+    idf = np.linspace(1.0, 2.0, 10).astype(np.float32)
+    idf[0] = 0.0
+    scores = np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32)
+    layer.idf.assign(idf)
+    layer.scores.assign(scores)
+    out = np.asarray(layer([ids, lengths]))
+    for row, words in enumerate([{5: 3, 3: 1}, {2: 2, 9: 1}]):  # position 5 of row 0 lies past its length
+        tfidf = {w: (1 + np.log(tf)) * idf[w] for w, tf in words.items()}
+        norm = np.sqrt(sum(v * v for v in tfidf.values()))
+        np.testing.assert_allclose(out[row], sum(v * scores[w] for w, v in tfidf.items()) / norm, rtol=1e-4)
+    np.testing.assert_allclose(out[2], 0.0, atol=1e-6)  # an empty document scores nothing
 
 
 # -- other backends --------------------------------------------------------------------------------------
