@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tasks.config import CorpusConfig, GloveConfig, Source  # noqa: E402
-from tasks.corpus import build_corpus  # noqa: E402
+from tasks.corpus import corpus  # noqa: E402
 from tasks.download import download  # noqa: E402
-from tasks.glove import glove_member, parse_glove, read_glove_zip  # noqa: E402
+from tasks.glove import glove_member, glove, read_glove_zip  # noqa: E402
 
 SHA256 = {  # from shared/data/README.md (repacked copies)
     "20news-bydate.tar.gz": "53027b79f71f27034d8d89a5b453d614685f400af36370c9df8766299899ec78",
@@ -98,11 +98,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 archive = download.fn(source, data_home=home)
                 t1 = time.perf_counter()
-                docs = build_corpus.fn(CorpusConfig(), archive, data_home=home)
+                docs = corpus.fn(CorpusConfig(), archive, data_home=home)
                 t2 = time.perf_counter()
                 gz = download.fn(glove_src, data_home=home)
                 t3 = time.perf_counter()
-                vectors = parse_glove.fn(GloveConfig(dim=dim), gz, data_home=home)
+                vectors = glove.fn(GloveConfig(dim=dim), gz, data_home=home)
                 t4 = time.perf_counter()
                 sink.update({"download_corpus_s": round(t1 - t0, 3), "corpus_s": round(t2 - t1, 3),
                              "download_glove_s": round(t3 - t2, 3), "glove_s": round(t4 - t3, 3),

@@ -38,11 +38,11 @@ from bench_glove import original_recipe as recipe_glove_parse  # noqa: E402
 from storage.artifacts import ArtifactStore  # noqa: E402
 from storage.schemas import DOCUMENTS, SEQUENCES, VOCAB  # noqa: E402
 from tasks.config import CorpusConfig, EmbeddingsConfig, GloveConfig, Source, TokenizeConfig  # noqa: E402
-from tasks.corpus import build_corpus  # noqa: E402
+from tasks.corpus import corpus  # noqa: E402
 from tasks.download import download  # noqa: E402
-from tasks.embeddings import build_embeddings, embedding_matrix, read_vectors  # noqa: E402
-from tasks.glove import parse_glove  # noqa: E402
-from tasks.tokenize import BATCH_ROWS, Rules, count_words, encode, split_words, tokenize, vocabulary  # noqa: E402
+from tasks.embeddings import embeddings, embedding_matrix, read_vectors  # noqa: E402
+from tasks.glove import glove  # noqa: E402
+from tasks.tokens import BATCH_ROWS, Rules, count_words, encode, split_words, tokenize, vocabulary  # noqa: E402
 
 RECIPE_WORDS = 20_000  # the recipe's MAX_NB_WORDS
 
@@ -119,9 +119,9 @@ def main() -> None:
 def run(args, results: dict, rules: Rules, base: str, home: str, httpd) -> None:
     store = ArtifactStore(home)
     fetch = {name: download.fn(Source(url=f"{base}/{name}", sha256=SHA256[name]), data_home=home) for name in SHA256}
-    news20 = build_corpus.fn(CorpusConfig(), fetch["news20.tar.gz"], data_home=home)
-    bydate = build_corpus.fn(CorpusConfig(), fetch["20news-bydate.tar.gz"], data_home=home)
-    vectors = parse_glove.fn(GloveConfig(dim=50), fetch["glove.6B.zip"], data_home=home)
+    news20 = corpus.fn(CorpusConfig(), fetch["news20.tar.gz"], data_home=home)
+    bydate = corpus.fn(CorpusConfig(), fetch["20news-bydate.tar.gz"], data_home=home)
+    vectors = glove.fn(GloveConfig(dim=50), fetch["glove.6B.zip"], data_home=home)
     httpd.shutdown()
 
     # 1 + 2a. news20, all texts, the Keras example's text variant: parity and speed.
@@ -184,10 +184,10 @@ def run(args, results: dict, rules: Rules, base: str, home: str, httpd) -> None:
     emb_times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        emb = build_embeddings.fn(EmbeddingsConfig(), bytokens, vectors, data_home=home)
+        emb = embeddings.fn(EmbeddingsConfig(), bytokens, vectors, data_home=home)
         emb_times.append(time.perf_counter() - t0)
         store.remove(emb.step, emb.key)
-    emb = build_embeddings.fn(EmbeddingsConfig(), bytokens, vectors, data_home=home)
+    emb = embeddings.fn(EmbeddingsConfig(), bytokens, vectors, data_home=home)
 
     def warm_reload():
         v = store.read_parquet(bytokens, "vocab.parquet", VOCAB)
@@ -208,7 +208,7 @@ def run(args, results: dict, rules: Rules, base: str, home: str, httpd) -> None:
     coverage = {}
     for num_words in (TokenizeConfig().num_words, RECIPE_WORDS):
         t = tokenize.fn(TokenizeConfig(num_words=num_words), bydate, data_home=home)
-        e = build_embeddings.fn(EmbeddingsConfig(), t, vectors, data_home=home)
+        e = embeddings.fn(EmbeddingsConfig(), t, vectors, data_home=home)
         stats = json.loads((store.local_dir(e) / "coverage.json").read_text())
         coverage[str(num_words)] = {**{k: stats[k] for k in ("vocab_size", "hits", "misses", "hit_rate_types", "hit_rate_tokens")},
                                     "distinct_train_words": store.read_manifest(t)["distinct_train_words"],

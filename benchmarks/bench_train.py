@@ -6,7 +6,7 @@
 
 Data: 20news-bydate (train/test split as distributed) and GloVe 6B 50d from --data, checked against
 the sha256 values of shared/data/README.md, prepared by the project's own pure functions
-(tasks.corpus.build_documents, tasks.tokenize, tasks.glove.read_glove_zip, tasks.embeddings).
+(tasks.corpus.build_documents, tasks.tokens, tasks.glove.read_glove_zip, tasks.embeddings).
 Two settings: the text as distributed, and with headers, footers and quotes stripped.
 
 For each setting: test accuracy and macro-F1 of each preset (tasks.model.fit_classifier, the code the
@@ -73,7 +73,7 @@ def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str]
     from tasks.corpus import build_documents
     from tasks.embeddings import embedding_matrix
     from tasks.glove import read_glove_zip
-    from tasks.tokenize import encode, fit_vocabulary, rules_of, split_words
+    from tasks.tokens import encode, fit_vocabulary, rules_of, split_words
 
     for name, expected in SHA256.items():
         got = sha256(data_dir / name)

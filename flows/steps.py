@@ -1,10 +1,8 @@
-"""Running one step task from a flow: cache validation against the store, plus a per-step report.
+"""Running step tasks from a flow: stop after a stage, wait for upstream steps, report each step.
 
-Each step task caches on its inputs (tasks.common.STEP_CACHE_POLICY), and a cache hit
-returns the ArtifactRef recorded the first time. If that artifact has since been deleted
-or damaged, the hit would hand out a dangling ref; so before calling a step the flow
-computes the key the step will publish under and, when the store does not hold a complete
-artifact there, tells Prefect to recompute (refresh_cache=True) instead of trusting the hit.
+The cache decision is the step's own (tasks.step): this module only calls the tasks, in this
+thread or on the flow's task runner, and keeps a per-step record (Completed / Cached, seconds,
+artifact) for the summary the CLI prints.
 """
 
 from __future__ import annotations
@@ -16,7 +14,13 @@ from typing import Any
 from prefect.states import State
 
 from storage.artifacts import ArtifactRef, ArtifactStore
-from tasks.common import step_logger
+from storage.errors import PipelineError
+from tasks.step import step_logger
+
+STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # --until: stop after this stage
+STAGE_OF_STEP = {"download": "data", "corpus": "data", "glove": "data", "tokens": "tokens", "embeddings": "embeddings",
+                 "train": "train", "evaluate": "evaluate"}
+STEP_ORDER = ("download-glove", "download-corpus", "corpus", "glove", "tokens", "embeddings", "train", "evaluate")
 
 
 def say(message: str) -> None:
@@ -24,51 +28,96 @@ def say(message: str) -> None:
     step_logger().info(message)
 
 
-def validated(task, store: ArtifactStore, step: str, key: str | None):
-    """The task itself if its artifact (step, key) is complete in the store, else a recomputing copy."""
-    if key is not None and store.find(step, key) is not None:
-        return task
-    return task.with_options(refresh_cache=True)
+class StepRunner:
+    """Calls step tasks for one flow run. A step past `until`, or whose input was skipped, is skipped (None)."""
 
-
-class StepReport:
-    """Per-step final state (Completed / Cached / Failed), wall seconds and artifact, for the summary."""
-
-    def __init__(self) -> None:
+    def __init__(self, data_home: str, until: str = "evaluate"):
+        self.home, self.until = data_home, until
+        self.store = ArtifactStore(data_home)
         self.steps: dict[str, dict[str, Any]] = {}
+        self.refs: dict[str, ArtifactRef] = {}
+        self._submitted: list[StepFuture] = []
         self._lock = threading.Lock()
 
-    def run(self, name: str, task, store: ArtifactStore, step: str, key: str | None, *args, **kwargs) -> ArtifactRef:
-        """Call the step in this thread and return its ref (raises the step's own error on failure)."""
+    def wanted(self, step: str) -> bool:
+        return STAGES.index(STAGE_OF_STEP[step]) <= STAGES.index(self.until)
+
+    def __call__(self, task, *inputs, name: str | None = None) -> ArtifactRef | None:
+        """Run the step in this thread; its artifact, or None if skipped. Raises the step's own error."""
+        name = name or task.name
+        args = self._resolve(inputs)
+        if args is None or not self.wanted(task.name):
+            return None
         started = time.perf_counter()
-        state = validated(task, store, step, key)(*args, return_state=True, **kwargs)
+        state = task(*args, data_home=self.home, return_state=True)
         self._record(name, state, time.perf_counter() - started)
-        ref = state.result()  # re-raises the task's exception when it failed
-        self._note_ref(name, ref)
-        return ref
+        return self._note(name, state.result())
 
-    def submit(self, name: str, task, store: ArtifactStore, step: str, key: str | None, *args, **kwargs):
-        """Start the step on the flow's task runner; returns a future whose .result() is the ref."""
+    def submit(self, task, *inputs, name: str | None = None) -> StepFuture | None:
+        """Start the step on the flow's task runner (upstream steps are waited for first)."""
+        name = name or task.name
+        args = self._resolve(inputs)
+        if args is None or not self.wanted(task.name):
+            return None
         started = time.perf_counter()
-        future = validated(task, store, step, key).submit(*args, **kwargs)
+        future = task.submit(*args, data_home=self.home)
         future.add_done_callback(lambda f: self._record(name, _final_state(f), time.perf_counter() - started))
-        return _ReportingFuture(self, name, future)
+        self._submitted.append(StepFuture(self, name, future))
+        return self._submitted[-1]
 
-    def add(self, name: str, state: str, seconds: float, ref: ArtifactRef | None = None, **extra: Any) -> None:
+    def add(self, name: str, state: str, seconds: float, ref: ArtifactRef, **extra: Any) -> ArtifactRef:
+        """Record a step that ran elsewhere (e.g. on a training deployment)."""
         with self._lock:
             self.steps.setdefault(name, {}).update(state=state, seconds=round(seconds, 3), **extra)
-        if ref is not None:
-            self._note_ref(name, ref)
+        return self._note(name, ref)
 
-    def _record(self, name: str, state, seconds: float) -> None:
+    def summary(self, started: float) -> dict[str, Any]:
+        """What the flow returns, once every submitted step has finished (raising the first failure)."""
+        for future in self._submitted:
+            future.result()
+        evaluation = self.refs.get("evaluate")
+        metrics = self.store.read_json(evaluation, "metrics.json") if evaluation else {}
+        order = {name: i for i, name in enumerate(STEP_ORDER)}
+        return {
+            "data_home": self.home,
+            "until": self.until,
+            "artifacts": {name: ref.model_dump(mode="json") for name, ref in self.refs.items()},
+            "metrics": metrics,
+            "steps": {name: self.steps[name] for name in sorted(self.steps, key=lambda n: order.get(n, len(order)))},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _resolve(self, inputs: tuple) -> list | None:
+        args = []
+        for value in inputs:
+            if isinstance(value, StepFuture):
+                value = value.result()
+            if value is None:
+                return None
+            args.append(value)
+        return args
+
+    def _record(self, name: str, state: State, seconds: float) -> None:
         with self._lock:
             self.steps.setdefault(name, {}).update(state=state.name, seconds=round(seconds, 3),
                                                    task_run_id=str(state.state_details.task_run_id))
         say(f"{name}: {state.name} in {seconds:.1f} s")
 
-    def _note_ref(self, name: str, ref: ArtifactRef) -> None:
+    def _note(self, name: str, ref: ArtifactRef) -> ArtifactRef:
+        if not isinstance(ref, ArtifactRef):
+            raise PipelineError(f"step {name} returned {type(ref).__name__}, not an artifact reference")
         with self._lock:
+            self.refs[name] = ref
             self.steps.setdefault(name, {}).update(step=ref.step, key=ref.key, uri=ref.uri, rows=ref.rows)
+        return ref
+
+
+class StepFuture:
+    def __init__(self, runner: StepRunner, name: str, future) -> None:
+        self._runner, self._name, self._future = runner, name, future
+
+    def result(self) -> ArtifactRef:
+        return self._runner._note(self._name, self._future.result())  # re-raises the step's own error
 
 
 def _final_state(future) -> State:
@@ -79,13 +128,3 @@ def _final_state(future) -> State:
         if isinstance(state, State):
             return state
     return future.state
-
-
-class _ReportingFuture:
-    def __init__(self, report: StepReport, name: str, future) -> None:
-        self._report, self._name, self._future = report, name, future
-
-    def result(self) -> ArtifactRef:
-        ref = self._future.result()  # re-raises the task's exception when it failed
-        self._report._note_ref(self._name, ref)
-        return ref

@@ -1,22 +1,27 @@
 """Train + evaluate as a flow of its own, so it can be deployed alone to a GPU work pool.
 
-The pipeline calls it in-process by default, or through `run_deployment` when
-config.train.deployment names a deployment of it (e.g. "train-lstm/gpu"). Its inputs and
-outputs are ArtifactRefs into a data home both sides can reach (shared filesystem or
-object storage): the bytes never travel through Prefect.
+The pipeline runs the two steps itself by default, or hands them to a deployment of this flow
+(e.g. "train-lstm/gpu") through `run_deployment`. Inputs and outputs are ArtifactRefs into a
+data home both sides can reach (shared filesystem or object storage): the bytes never travel
+through Prefect.
 """
 
 from __future__ import annotations
 
-import json
+import time
 from typing import Any, Literal
 
 from prefect import flow
+from prefect.runtime import flow_run as current_flow_run
 
-from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.artifacts import ArtifactRef
+from storage.errors import PipelineError
+from tasks import evaluate as evaluate_step
+from tasks import train as train_step
 from tasks.config import EvaluateConfig, TrainConfig
 
-from flows.steps import StepReport, say
+from flows.results import publish_results
+from flows.steps import StepRunner, say
 
 FLOW_NAME = "train-lstm"
 
@@ -30,35 +35,53 @@ def train_and_evaluate(
     data_home: str,
     until: Literal["train", "evaluate"] = "evaluate",
 ) -> dict[str, Any]:
-    """Return {"run": ref, "evaluation": ref | None, "metrics": {...}, "steps": {...}} (JSON-able)."""
-    from tasks import evaluate as evaluate_step
-    from tasks import train as train_step
+    """Return the run's summary: {"artifacts": {"train": ref, "evaluate": ref}, "metrics": {...}, ...} (JSON-able)."""
+    started = time.perf_counter()
+    run = StepRunner(data_home, until)
+    model = run(train_step.train, train, tokens, embeddings)
+    evaluation = run(evaluate_step.evaluate, evaluate, model, tokens)
+    publish_results(run.store, evaluation)
+    return run.summary(started)
 
-    store = ArtifactStore(data_home)
-    report = StepReport()
-    run = report.run(
-        "train", train_step.train, store, train_step.STEP, train_step.run_key(train, tokens, embeddings),
-        train, tokens, embeddings, data_home=data_home,
+
+def train_on_deployment(run: StepRunner, deployment: str, train: TrainConfig, evaluate: EvaluateConfig,
+                        tokens: ArtifactRef | None, embeddings: ArtifactRef | None) -> ArtifactRef | None:
+    """Train (+ evaluate) through a deployment of train_and_evaluate, e.g. on the GPU pool; the evaluation ref.
+
+    run_deployment does not raise when the child fails, so its final state is checked here;
+    the idempotency key stops a retried parent from starting a second training run.
+    """
+    if tokens is None or embeddings is None or not run.wanted("train"):
+        return None
+    from prefect.deployments import run_deployment
+
+    run_key = train_step.STEP.key(train, [tokens, embeddings])
+    say(f"train: submitting to deployment {deployment} (run key {run_key})")
+    started = time.perf_counter()
+    until = "evaluate" if run.wanted("evaluate") else "train"
+    child = run_deployment(
+        deployment,
+        parameters={"train": train.model_dump(mode="json"), "evaluate": evaluate.model_dump(mode="json"),
+                    "tokens": tokens.model_dump(mode="json"), "embeddings": embeddings.model_dump(mode="json"),
+                    "data_home": run.home, "until": until},
+        idempotency_key=f"{current_flow_run.id or 'no-parent'}-train-{run_key}",
     )
-    result: dict[str, Any] = {"run": run.model_dump(mode="json"), "evaluation": None, "metrics": {}}
-    if until == "evaluate":
-        evaluation = report.run(
-            "evaluate", evaluate_step.evaluate, store, evaluate_step.STEP,
-            evaluate_step.evaluation_key(evaluate, run, tokens),
-            evaluate, run, tokens, data_home=data_home,
-        )
-        result["evaluation"] = evaluation.model_dump(mode="json")
-        result["metrics"] = read_metrics(store, evaluation)
-        if result["metrics"]:
-            say("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float)))
-    result["steps"] = report.steps
-    return result
+    state = child.state
+    if state is None or not state.is_completed():
+        raise PipelineError(f"training deployment {deployment} (flow run {child.name}, pool {child.work_pool_name}) ended "
+                            f"{state.name if state else 'unknown'}: {(state.message if state else None) or 'no message'}")
+    where = {"flow_run": child.name, "work_pool": child.work_pool_name, "deployment": deployment}
+    model = run.add("train", state.name, time.perf_counter() - started, _shared(run, deployment, "train", run_key), **where)
+    if until == "train":
+        return None
+    evaluation = _shared(run, deployment, "evaluate", evaluate_step.STEP.key(evaluate, [model, tokens]))
+    return run.add("evaluate", state.name, 0.0, evaluation, **where)
 
 
-def read_metrics(store: ArtifactStore, evaluation: ArtifactRef) -> dict[str, Any]:
-    """The scalar metrics of an evaluation (metrics.json), without per-class detail."""
-    path = store.local_dir(evaluation) / "metrics.json"
-    if not path.exists():
-        return {}
-    metrics = json.loads(path.read_text())
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+def _shared(run: StepRunner, deployment: str, step: str, key: str) -> ArtifactRef:
+    """The artifact the deployment wrote, as this process sees the data home."""
+    ref = run.store.find(step, key)
+    if ref is None:
+        raise PipelineError(f"training deployment {deployment} completed but {run.store.uri(step, key)} is missing: "
+                            "the worker must use the same data home (shared filesystem or object storage)")
+    return ref

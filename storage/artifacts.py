@@ -25,13 +25,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict
 
-from storage.errors import PipelineError
+from storage.errors import PipelineError, UsageError
+from storage.files import Staging, parquet_head, parquet_rows, read_json, sha256_file, write_json
 from storage.home import data_home, is_uri
 from storage.schemas import check_schema
 
@@ -64,14 +66,6 @@ def artifact_key(step: str, version: int, params: Mapping[str, Any], upstream: S
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _TRACKED_LIBRARIES:
@@ -80,13 +74,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def write_parquet(table: pa.Table, path: str | os.PathLike, schema: pa.Schema) -> int:
-    """Write a table after checking its schema; return its row count."""
-    check_schema(table.schema, schema, str(path))
-    pq.write_table(table, str(path), compression="zstd")
-    return table.num_rows
 
 
 class ArtifactStore:
@@ -114,7 +101,7 @@ class ArtifactStore:
     def read_manifest(self, ref_or_step: ArtifactRef | str, key: str | None = None) -> dict | None:
         step, key = (ref_or_step.step, ref_or_step.key) if isinstance(ref_or_step, ArtifactRef) else (ref_or_step, key)
         try:
-            with self.fs.open_input_stream(self._path(step, key, MANIFEST)) as f:
+            with self.fs.open_input_stream(self._path(step, key, MANIFEST), compression=None) as f:
                 return json.loads(f.read())
         except (FileNotFoundError, OSError, json.JSONDecodeError):
             return None
@@ -147,17 +134,47 @@ class ArtifactStore:
             staging = Path(tempfile.mkdtemp(prefix=f".tmp-{ref.key}-", dir=_ensure_dir(target.parent)))
             manifest = self.read_manifest(ref) or {}
             for name in [*manifest.get("files", {}), MANIFEST]:
-                with self.fs.open_input_stream(self._path(ref.step, ref.key, name)) as src, open(staging / name, "wb") as dst:
+                with self.fs.open_input_stream(self._path(ref.step, ref.key, name), compression=None) as src, \
+                        open(staging / name, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             _rename_into_place(staging, target)
         return target
 
+    def local_file(self, ref: ArtifactRef, name: str) -> Path:
+        """A local path of one file of the artifact (for readers that need a path: zip, tar, Keras)."""
+        return self.local_dir(ref) / name
+
+    def only_file(self, ref: ArtifactRef) -> Path:
+        """The local path of the one file an artifact holds (a download)."""
+        names = list((self.read_manifest(ref) or {}).get("files", {}))
+        if len(names) != 1:
+            raise PipelineError(f"{ref.uri}: expected exactly one file, found {names}")
+        return self.local_file(ref, names[0])
+
     def read_parquet(self, ref: ArtifactRef, name: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
         """Read one Parquet file of an artifact, refusing it if its schema is not `schema`."""
         path = self._path(ref.step, ref.key, name)
-        file_schema = pq.read_schema(path, filesystem=self.fs)
-        check_schema(file_schema, schema, ref.file(name))
+        check_schema(pq.read_schema(path, filesystem=self.fs), schema, ref.file(name))
         return pq.read_table(path, filesystem=self.fs, columns=columns)
+
+    def iter_batches(self, ref: ArtifactRef, name: str, schema: pa.Schema, columns: list[str] | None = None,
+                     batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """Record batches of one Parquet file of an artifact (memory: one batch), schema checked first."""
+        parquet = pq.ParquetFile(self._path(ref.step, ref.key, name), filesystem=self.fs)
+        check_schema(parquet.schema_arrow, schema, ref.file(name))
+        yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+
+    def parquet_schema(self, ref: ArtifactRef, name: str) -> pa.Schema:
+        return pq.read_schema(self._path(ref.step, ref.key, name), filesystem=self.fs)
+
+    def parquet_head(self, ref: ArtifactRef, name: str, rows: int) -> tuple[int, pa.Schema, pa.Table | None]:
+        return parquet_head(self.local_file(ref, name), rows)
+
+    def read_json(self, ref: ArtifactRef, name: str) -> Any:
+        return read_json(self.local_file(ref, name))
+
+    def read_npy(self, ref: ArtifactRef, name: str) -> np.ndarray:
+        return np.load(self.local_file(ref, name))
 
     def list(self) -> list[dict]:
         """Every complete artifact's manifest (for `inspect`), oldest first."""
@@ -174,6 +191,71 @@ class ArtifactStore:
                         manifests.append(manifest)
         return sorted(manifests, key=lambda m: m.get("created", ""))
 
+    def latest(self, step: str) -> dict | None:
+        """The manifest of the newest complete artifact of `step`, or None."""
+        manifests = [m for m in self.list() if m["step"] == step]
+        return manifests[-1] if manifests else None
+
+    def resolve(self, target: str) -> ArtifactRef:
+        """The artifact named by `step/key` (a unique key prefix is enough), a bare key, or a local artifact path."""
+        path = Path(target)
+        if not self.remote and path.exists():
+            directory = path if path.is_dir() else path.parent
+            if not (directory / MANIFEST).is_file():
+                raise UsageError(f"{target} is not an artifact directory (no {MANIFEST})")
+            manifest = read_json(directory / MANIFEST)
+            step, key = manifest["step"], manifest["key"]
+        else:
+            step, _, prefix = target.strip("/").rpartition("/")
+            matches = [(m["step"], m["key"]) for m in self.list()
+                       if (not step or m["step"] == step) and m["key"].startswith(prefix)]
+            if not matches:
+                raise UsageError(f"no artifact {target!r} in {self.root} (list them with `newsgroups-lstm inspect`)")
+            if len(matches) > 1:
+                raise UsageError(f"{target!r} is ambiguous: " + ", ".join(f"{s}/{k}" for s, k in matches[:5]))
+            (step, key), = matches
+        ref = self.find(step, key)
+        if ref is None:
+            raise UsageError(f"artifact {step}/{key} is incomplete or damaged in {self.root}")
+        return ref
+
+    def lineage(self, step: str, key: str) -> Iterator[tuple[int, str, str, dict | None]]:
+        """(depth, step, key, manifest or None if missing) from an artifact down to the downloads, depth first;
+        an artifact reached twice is yielded again without its upstream."""
+        seen: set[tuple[str, str]] = set()
+
+        def walk(step: str, key: str, depth: int) -> Iterator[tuple[int, str, str, dict | None]]:
+            manifest = self.read_manifest(step, key)
+            yield depth, step, key, manifest
+            if (step, key) not in seen:  # a shared upstream is walked once
+                seen.add((step, key))
+                for up in (manifest or {}).get("upstream", []):
+                    yield from walk(up["step"], up["key"], depth + 1)
+
+        yield from walk(step, key, 0)
+
+    # -- the URL index: which sha256 an unpinned URL gave (so a cached download needs no network) ----
+    def _url_record(self, url: str) -> str:
+        return "/".join((self._base, ".urls", hashlib.sha256(url.encode()).hexdigest()[:20] + ".json"))
+
+    def seen_sha256(self, url: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self._url_record(url), compression=None) as f:
+                return json.loads(f.read())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record_sha256(self, url: str, sha256: str) -> None:
+        self.fs.create_dir(self._url_record(url).rsplit("/", 1)[0], recursive=True)
+        _put_atomic(self.fs, self._url_record(url), json.dumps({"url": url, "sha256": sha256}).encode())
+
+    def forget_url(self, url: str) -> None:
+        """Drop what an unpinned URL was recorded to give, so the next run fetches it again."""
+        try:
+            self.fs.delete_file(self._url_record(url))
+        except (FileNotFoundError, OSError):
+            pass
+
     # -- writing ------------------------------------------------------------------------------
     @contextmanager
     def lock(self, step: str, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
@@ -185,15 +267,15 @@ class ArtifactStore:
         self,
         step: str,
         key: str,
-        build: Callable[[Path], Mapping[str, Any] | None],
+        build: Callable[[Staging], Mapping[str, Any] | None],
         *,
         version: int,
         params: Mapping[str, Any],
         upstream: Sequence[ArtifactRef] = (),
     ) -> ArtifactRef:
-        """Return the artifact (step, key), building it with build(staging_dir) if it is not there yet.
+        """Return the artifact (step, key), building it with build(staging) if it is not there yet.
 
-        build writes its files into staging_dir and may return extra manifest fields
+        build writes its files into the Staging directory and may return extra manifest fields
         (e.g. {"rows": n, "stats": {...}}). The directory appears under its final name only
         once complete, so concurrent or killed runs never expose half an artifact.
         """
@@ -208,9 +290,9 @@ class ArtifactStore:
             staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=step_dir))
             started = time.time()
             try:
-                extra = dict(build(staging) or {})
+                extra = dict(build(Staging(staging)) or {})
                 manifest = _manifest(step, key, version, params, upstream, staging, started, extra)
-                _write_json(staging / MANIFEST, manifest)
+                write_json(staging / MANIFEST, manifest)
                 if self.remote:
                     self._upload(staging, step, key, manifest)
                     shutil.rmtree(staging, ignore_errors=True)
@@ -242,7 +324,8 @@ class ArtifactStore:
     def _upload(self, staging: Path, step: str, key: str, manifest: dict) -> None:
         self.fs.create_dir(self._path(step, key), recursive=True)
         for name in [*manifest["files"], MANIFEST]:  # the manifest last: it is what makes the artifact count
-            with open(staging / name, "rb") as src, self.fs.open_output_stream(self._path(step, key, name)) as dst:
+            with open(staging / name, "rb") as src, \
+                    self.fs.open_output_stream(self._path(step, key, name), compression=None) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
@@ -252,7 +335,7 @@ def _manifest(step, key, version, params, upstream, staging: Path, started: floa
         name = path.relative_to(staging).as_posix()
         entry = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         if name.endswith(".parquet"):
-            entry["rows"] = pq.read_metadata(path).num_rows
+            entry["rows"] = parquet_rows(path)
         files[name] = entry
     finished = time.time()
     return {
@@ -271,8 +354,17 @@ def _manifest(step, key, version, params, upstream, staging: Path, started: floa
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def _put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a small file so a reader sees the old content or the new, never a part (a rename locally;
+    a single PUT is already atomic on an object store)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with fs.open_output_stream(tmp, compression=None) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path, compression=None) as f:
+            f.write(data)
 
 
 def _ensure_dir(path: Path) -> Path:

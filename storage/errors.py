@@ -40,3 +40,7 @@ class SchemaMismatch(PipelineError):
 
 class TrainingDiverged(PipelineError):
     """Training produced a NaN/inf loss."""
+
+
+class UsageError(Exception):
+    """A bad command line, config file or argument (exit code 2), not a pipeline failure."""

@@ -1,15 +1,20 @@
 """The one typed configuration. Frozen pydantic models; each step receives only its own part.
 
 Every URL and checksum can be overridden from a config file, `key=value` on the command
-line, or the environment (NEWSGROUPS_LSTM_<SOURCE>_URL / _SHA256, for air-gapped mirrors).
+line, or the environment (NEWSGROUPS_LSTM_<SOURCE>_URL / _SHA256, for air-gapped mirrors);
+build_config() stacks those layers.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from storage.errors import UsageError
 
 
 class _Frozen(BaseModel):
@@ -106,7 +111,6 @@ class TrainConfig(_Frozen):
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # slice of the TRAIN split for early stopping
     patience: int = Field(5, ge=0)  # epochs without a lower validation loss (of the mixture) before stopping
     seed: int = 1337
-    deployment: str | None = None  # e.g. "train-lstm/gpu": run training on that work pool
 
 
 # The original recipe: 20,000 words, 1,000 tokens, frozen GloVe, LSTM(100), input dropout 0.2,
@@ -144,13 +148,12 @@ def with_preset(cfg: PipelineConfig, name: str) -> PipelineConfig:
     """`cfg` with the training preset `name` applied (and the tokenizer settings that preset needs)."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    train = TrainConfig(**{**TrainConfig().model_dump(), "seed": cfg.train.seed, "deployment": cfg.train.deployment,
-                           **TRAIN_PRESETS[name], "preset": name})
+    train = TrainConfig(**{**TrainConfig().model_dump(), "seed": cfg.train.seed, **TRAIN_PRESETS[name], "preset": name})
     tokenize = cfg.tokenize.model_copy(update=TOKENIZE_PRESETS[name])
     return cfg.model_copy(update={"train": train, "tokenize": tokenize})
 
 
-def source_from_env(name: str, source: Source, environ: os._Environ | dict = os.environ) -> Source:
+def source_from_env(name: str, source: Source, environ: Mapping[str, str] = os.environ) -> Source:
     """Apply NEWSGROUPS_LSTM_<NAME>_URL / _SHA256 overrides. A new URL without a new sha256 is unpinned."""
     prefix = f"NEWSGROUPS_LSTM_{name.upper()}"
     url, sha = environ.get(f"{prefix}_URL"), environ.get(f"{prefix}_SHA256")
@@ -162,3 +165,78 @@ def source_from_env(name: str, source: Source, environ: os._Environ | dict = os.
     if sha:
         changes["sha256"] = sha.lower()
     return source.model_copy(update=changes)
+
+
+def with_source_env(config: PipelineConfig, environ: Mapping[str, str] = os.environ) -> PipelineConfig:
+    """`config` with the NEWSGROUPS_LSTM_GLOVE_/CORPUS_ URL/SHA256 overrides of `environ` (read where the flow runs)."""
+    sources = config.sources
+    glove = source_from_env("glove", sources.glove, environ)
+    corpus = source_from_env("corpus", sources.corpus_file, environ)
+    if glove == sources.glove and corpus == sources.corpus_file:
+        return config
+    corpus_source = corpus if corpus != sources.corpus_file else sources.corpus_source
+    return config.model_copy(update={"sources": sources.model_copy(update={"glove": glove, "corpus_source": corpus_source})})
+
+
+# -- building a config from layers: preset < files < key=value < --data-home --------------------------
+def field_annotation(path: Sequence[str]) -> Any:
+    """The type annotation of a dotted PipelineConfig field, or None if the path is not a field."""
+    model: Any = PipelineConfig
+    annotation = None
+    for part in path:
+        candidates = [model] if isinstance(model, type) else list(get_args(model))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model = model.model_fields[part].annotation
+    return annotation
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value`: the value is read as JSON when it parses (3, true, null, [..]), else as a string;
+    a comma-separated string for a tuple field becomes a list (corpus.strip=headers,quotes)."""
+    key, sep, raw = item.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not sep or not path:
+        raise UsageError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, str) and get_origin(field_annotation(path)) in (tuple, list):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return path, value
+
+
+def merge(base: dict, extra: Mapping) -> dict:
+    """Deep-merge `extra` into `base` (sub-tables merge, other values replace)."""
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_config(layers: Sequence[Mapping], overrides: Sequence[str] = (), preset: str | None = None,
+                 data_home: str | None = None) -> PipelineConfig:
+    """PipelineConfig from, in increasing precedence: defaults, preset, `layers` (parsed config files), key=value,
+    data_home. Raises UsageError naming the field for anything invalid."""
+    data: dict = with_preset(PipelineConfig(), preset).model_dump(mode="json") if preset else {}
+    for layer in layers:
+        merge(data, layer)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise UsageError(f"override {item!r}: {part} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    if data_home:
+        data["data_home"] = data_home
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"invalid configuration: {problems}") from None

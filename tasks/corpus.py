@@ -27,12 +27,12 @@ import numpy as np
 import pyarrow as pa
 
 from storage.archives import Member, iter_archive
-from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key, write_parquet
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import InputFormatError
+from storage.files import Staging
 from storage.schemas import DOCUMENTS
-from tasks.common import step_logger, step_task
 from tasks.config import CorpusConfig
-from tasks.download import downloaded_file
+from tasks.step import Step, step_logger
 
 # -- text cleaning: the semantics of sklearn's fetch_20newsgroups(remove=...) --------------------
 _QUOTE_RE = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
@@ -221,28 +221,19 @@ def build_documents(members: Iterable[Member], cfg: CorpusConfig, archive: str =
     return table, stats
 
 
-# -- task ----------------------------------------------------------------------------------------
-STEP = "corpus"
-VERSION = 1
+# -- step ------------------------------------------------------------------------------------------
+STEP = Step("corpus", version=1)
 
 
-def corpus_key(cfg: CorpusConfig, archive: ArtifactRef) -> str:
-    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json"), [archive])
-
-
-@step_task("build-corpus")
-def build_corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
+@STEP.task
+def corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
     """Read the downloaded corpus archive and publish documents.parquet."""
-    store = ArtifactStore(data_home)
-    logger = step_logger()
-
-    def build(staging: Path) -> dict:
-        path = downloaded_file(archive, data_home)
+    def build(store: ArtifactStore, out: Staging) -> dict:
+        path = store.only_file(archive)
         table, stats = build_documents(iter_archive(path, cfg.max_extracted_bytes), cfg, archive=str(path))
-        rows = write_parquet(table, staging / "documents.parquet", DOCUMENTS)
-        logger.info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name,
-                    f"{rows:,}", stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])
+        rows = out.write_parquet("documents.parquet", table, DOCUMENTS)
+        step_logger().info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{rows:,}",
+                           stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])
         return {"rows": rows, **stats}
 
-    return store.publish(STEP, corpus_key(cfg, archive), build, version=VERSION,
-                         params=cfg.model_dump(mode="json"), upstream=[archive])
+    return STEP.run(data_home, cfg, [archive], build)

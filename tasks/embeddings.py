@@ -13,19 +13,16 @@ matrix.npy is a plain .npy file: np.load(path, mmap_mode="r") maps it without re
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import SchemaMismatch
+from storage.files import Staging
 from storage.schemas import VOCAB, vectors_schema
-from tasks.common import step_logger, step_task
 from tasks.config import EmbeddingsConfig
+from tasks.step import Step
 
 TOP_MISSING = 50
 
@@ -78,43 +75,32 @@ def coverage(vocab: pa.Table, hit: np.ndarray, top: int = TOP_MISSING) -> dict:
     }
 
 
-# -- step --------------------------------------------------------------------------------------------
-STEP = "embeddings"
-VERSION = 1
-
-
-def embeddings_key(cfg: EmbeddingsConfig, tokens: ArtifactRef, vectors: ArtifactRef) -> str:
-    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json"), [tokens, vectors])
+# -- step ------------------------------------------------------------------------------------------
+STEP = Step("embeddings", version=1)
 
 
 def read_vectors(store: ArtifactStore, ref: ArtifactRef) -> pa.Table:
     """vectors.parquet of a glove artifact, checked against vectors_schema(dim) for its own dim."""
-    path = store.local_dir(ref) / "vectors.parquet"
-    schema = pq.read_schema(path)
+    schema = store.parquet_schema(ref, "vectors.parquet")
     field = schema.field("vector") if "vector" in schema.names else None
     if field is None or not pa.types.is_fixed_size_list(field.type):
         raise SchemaMismatch(f"{ref.file('vectors.parquet')}: field 'vector' must be fixed_size_list<float32>, got {field}")
     return store.read_parquet(ref, "vectors.parquet", vectors_schema(field.type.list_size))
 
 
-def write_embeddings(cfg: EmbeddingsConfig, vocab: pa.Table, vectors: pa.Table, out: Path) -> dict:
+def write_embeddings(cfg: EmbeddingsConfig, vocab: pa.Table, vectors: pa.Table, out: Staging) -> dict:
     matrix, hit = embedding_matrix(vocab, vectors, cfg.oov_init, cfg.seed)
-    np.save(out / "matrix.npy", matrix)
+    out.write_npy("matrix.npy", matrix)
     stats = {**coverage(vocab, hit), "dim": int(matrix.shape[1]), "rows": int(matrix.shape[0]),
              "oov_init": cfg.oov_init, "seed": cfg.seed}
-    (out / "coverage.json").write_text(json.dumps(stats, indent=2) + "\n")
+    out.write_json("coverage.json", stats)
     return {"rows": int(matrix.shape[0]), "shape": list(matrix.shape),
             "coverage": {k: stats[k] for k in ("vocab_size", "hits", "misses", "hit_rate_types", "hit_rate_tokens")}}
 
 
-@step_task("build-embeddings")
-def build_embeddings(cfg: EmbeddingsConfig, tokens: ArtifactRef, vectors: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
-    store = ArtifactStore(data_home)
-    key = embeddings_key(cfg, tokens, vectors)
-
-    def build(out: Path) -> dict:
+@STEP.task
+def embeddings(cfg: EmbeddingsConfig, tokens: ArtifactRef, vectors: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
+    def build(store: ArtifactStore, out: Staging) -> dict:
         return write_embeddings(cfg, store.read_parquet(tokens, "vocab.parquet", VOCAB), read_vectors(store, vectors), out)
 
-    ref = store.publish(STEP, key, build=build, version=VERSION, params=cfg.model_dump(mode="json"), upstream=[tokens, vectors])
-    step_logger().info("embeddings %s: %s rows", ref.key, ref.rows)
-    return ref
+    return STEP.run(data_home, cfg, [tokens, vectors], build)

@@ -1,14 +1,12 @@
-"""A run + its tokens -> evaluations/<key>/: test-split metrics, confusion matrix, predictions.
+"""A run + its tokens -> evaluate/<key>/: test-split metrics, confusion matrix, predictions.
 
 metrics.json (accuracy, macro-F1, counts), per_class.parquet (precision/recall/F1/support),
 confusion.parquet (long form: one row per true x predicted pair) + confusion.png, and
-predictions.parquet (one row per test document). Inside a Prefect run the headline numbers
-and the per-class table are also published as Prefect artifacts.
+predictions.parquet (one row per test document). The flow publishes them as Prefect artifacts.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key, write_parquet
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import InputFormatError
+from storage.files import Staging
 from storage.schemas import SEQUENCES
-from tasks.common import step_logger, step_task
 from tasks.config import EvaluateConfig
+from tasks.step import Step, step_logger
 
 PER_CLASS = pa.schema(
     [
@@ -161,47 +160,21 @@ def markdown_report(metrics: dict, names: Sequence[str], run_key: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_prefect_artifacts(metrics: dict, names: Sequence[str], run_key: str, evaluation_uri: str) -> bool:
-    """Table + markdown artifacts in the Prefect UI; a no-op outside a flow/task run (e.g. `.fn` calls)."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if not (TaskRunContext.get() or FlowRunContext.get()):
-        return False
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    rows = [
-        {"group": name, "precision": round(float(metrics["precision"][i]), 4), "recall": round(float(metrics["recall"][i]), 4),
-         "f1": round(float(metrics["f1"][i]), 4), "support": int(metrics["support"][i])}
-        for i, name in enumerate(names)
-    ]
-    create_table_artifact(rows, key="evaluation-per-class", description=f"per-class metrics of run {run_key}")
-    report = markdown_report(metrics, names, run_key) + f"\nConfusion matrix: `{evaluation_uri}/confusion.png`\n"
-    create_markdown_artifact(report, key="evaluation-summary", description=f"accuracy and macro-F1 of run {run_key}")
-    return True
-
-
 # -- step -------------------------------------------------------------------------------------------
-STEP = "evaluations"
-VERSION = 1
+STEP = Step("evaluate", version=1)
 
 
-def evaluation_key(cfg: EvaluateConfig, run: ArtifactRef, tokens: ArtifactRef) -> str:
-    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json"), [run, tokens])
-
-
-def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef, tokens: ArtifactRef, out: Path) -> dict:
+def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef, tokens: ArtifactRef, out: Staging) -> dict:
     from tasks.model import load_model, predict_proba  # imports Keras
+    from tasks.train import split_sequences
 
     table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["doc_id", "label", "split", "ids"])
     test = table.filter(pc.equal(table["split"], "test"))
     if test.num_rows == 0:
         raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'test' to evaluate on")
-    from tasks.train import split_sequences
-
-    run_dir = store.local_dir(run)
-    names = json.loads((run_dir / "labels.json").read_text())
+    names = store.read_json(run, "labels.json")
     max_length = int((store.read_manifest(run) or {}).get("max_length") or 0) or None
-    model = load_model(run_dir / "model.keras")
+    model = load_model(store.local_file(run, "model.keras"))
     sequences = split_sequences(test)
     probabilities = predict_proba(model, sequences, max_length or max(len(s) for s in sequences) or 1, cfg.batch_size)
     y_true = test["label"].to_numpy(zero_copy_only=False).astype(np.int64)
@@ -209,46 +182,33 @@ def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef
     confusion = confusion_matrix(y_true, y_pred, len(names))
     metrics = classification_metrics(confusion)
 
-    write_parquet(per_class_table(metrics, names), out / "per_class.parquet", PER_CLASS)
-    write_parquet(confusion_table(confusion, names), out / "confusion.parquet", CONFUSION)
-    plot_confusion(confusion, names, out / "confusion.png", title=f"run {run.key}: accuracy {metrics['accuracy']:.3f}")
-    predictions = pa.table(
+    out.write_parquet("per_class.parquet", per_class_table(metrics, names), PER_CLASS)
+    out.write_parquet("confusion.parquet", confusion_table(confusion, names), CONFUSION)
+    plot_confusion(confusion, names, out.path("confusion.png"), title=f"run {run.key}: accuracy {metrics['accuracy']:.3f}")
+    out.write_parquet("predictions.parquet", predictions_table(test["doc_id"], y_true, probabilities), PREDICTIONS)
+    headline = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "documents": metrics["documents"],
+                "classes": len(names), "run": run.key}
+    out.write_json("metrics.json", headline)
+    step_logger().info("evaluation of run %s: accuracy %.4f, macro-F1 %.4f on %d test documents",
+                       run.key, metrics["accuracy"], metrics["macro_f1"], metrics["documents"])
+    return {"rows": metrics["documents"], "metrics": headline}
+
+
+def predictions_table(doc_ids: pa.ChunkedArray, y_true: np.ndarray, probabilities: np.ndarray) -> pa.Table:
+    classes = probabilities.shape[1]
+    return pa.table(
         {
-            "doc_id": test["doc_id"],
+            "doc_id": doc_ids,
             "label": pa.array(y_true, pa.int16()),
-            "predicted": pa.array(y_pred, pa.int16()),
+            "predicted": pa.array(probabilities.argmax(axis=1), pa.int16()),
             "confidence": pa.array(probabilities.max(axis=1), pa.float32()),
-            "probabilities": pa.FixedSizeListArray.from_arrays(probabilities.astype(np.float32).reshape(-1), len(names)).cast(pa.list_(pa.float32())),
+            "probabilities": pa.FixedSizeListArray.from_arrays(probabilities.astype(np.float32).reshape(-1), classes)
+            .cast(pa.list_(pa.float32())),
         },
         schema=PREDICTIONS,
     )
-    write_parquet(predictions, out / "predictions.parquet", PREDICTIONS)
-    headline = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "documents": metrics["documents"],
-                "classes": len(names), "run": run.key}
-    (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
-    return {"rows": metrics["documents"], "metrics": headline, "_metrics": metrics, "_names": names}
 
 
-@step_task("evaluate")
+@STEP.task
 def evaluate(cfg: EvaluateConfig, run: ArtifactRef, tokens: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
-    store = ArtifactStore(data_home)
-    key = evaluation_key(cfg, run, tokens)
-    computed: dict = {}
-
-    def build(out: Path) -> dict:
-        extras = write_evaluation(cfg, store, run, tokens, out)
-        computed.update(metrics=extras.pop("_metrics"), names=extras.pop("_names"))
-        return extras
-
-    ref = store.publish(STEP, key, build=build, version=VERSION, params=cfg.model_dump(mode="json"), upstream=[run, tokens])
-    if not computed:  # already in the store: rebuild the report from its files
-        evaluation_dir = store.local_dir(ref)
-        per_class = store.read_parquet(ref, "per_class.parquet", PER_CLASS)
-        headline = json.loads((evaluation_dir / "metrics.json").read_text())
-        computed["names"] = per_class["group"].to_pylist()
-        computed["metrics"] = {**headline, **{c: per_class[c].to_numpy() for c in ("precision", "recall", "f1", "support")}}
-    metrics = computed["metrics"]
-    step_logger().info("evaluation %s: accuracy %.4f, macro-F1 %.4f on %d test documents",
-                       key, metrics["accuracy"], metrics["macro_f1"], metrics["documents"])
-    publish_prefect_artifacts(metrics, computed["names"], run.key, ref.uri)
-    return ref
+    return STEP.run(data_home, cfg, [run, tokens], lambda store, out: write_evaluation(cfg, store, run, tokens, out))

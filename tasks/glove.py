@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from storage.archives import open_zip, open_zip_member
-from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key, write_parquet
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import InputFormatError
+from storage.files import Staging
 from storage.schemas import vectors_schema
-from tasks.common import step_logger, step_task
 from tasks.config import GloveConfig
-from tasks.download import downloaded_file
+from tasks.step import Step, step_logger
 
 _BLOCK_BYTES = 32 << 20  # fewer, larger blocks parse faster on this data (measured)
 
@@ -137,28 +137,18 @@ def read_glove_zip(path: str | Path, dim: int, max_bytes: int | None = None) -> 
                 raise InputFormatError(f"{source}: corrupt member ({type(exc).__name__}: {exc})") from exc
 
 
-# -- task ----------------------------------------------------------------------------------------
-STEP = "glove"
-VERSION = 1
+# -- step ------------------------------------------------------------------------------------------
+STEP = Step("glove", version=1)
 
 
-def vectors_key(cfg: GloveConfig, archive: ArtifactRef) -> str:
-    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json"), [archive])
-
-
-@step_task("parse-glove")
-def parse_glove(cfg: GloveConfig, archive: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
+@STEP.task
+def glove(cfg: GloveConfig, archive: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
     """Parse the downloaded GloVe zip's <dim>d member and publish vectors.parquet."""
-    store = ArtifactStore(data_home)
-    logger = step_logger()
-
-    def build(staging: Path) -> dict:
-        path = downloaded_file(archive, data_home)
-        table, stats = read_glove_zip(path, cfg.dim)
-        rows = write_parquet(table, staging / "vectors.parquet", vectors_schema(cfg.dim))
-        logger.info("glove %s: %s words x %d (%d duplicate lines dropped)", glove_member(cfg.dim), f"{rows:,}",
-                    cfg.dim, stats["duplicate_words"])
+    def build(store: ArtifactStore, out: Staging) -> dict:
+        table, stats = read_glove_zip(store.only_file(archive), cfg.dim)
+        rows = out.write_parquet("vectors.parquet", table, vectors_schema(cfg.dim))
+        step_logger().info("glove %s: %s words x %d (%d duplicate lines dropped)", glove_member(cfg.dim), f"{rows:,}",
+                           cfg.dim, stats["duplicate_words"])
         return {"rows": rows, "member": glove_member(cfg.dim), **stats}
 
-    return store.publish(STEP, vectors_key(cfg, archive), build, version=VERSION,
-                         params=cfg.model_dump(mode="json"), upstream=[archive])
+    return STEP.run(data_home, cfg, [archive], build)

@@ -6,7 +6,6 @@ it is tokenized exactly like the training documents were.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -14,10 +13,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from storage.errors import InputFormatError
-from storage.schemas import VOCAB, check_schema
+from storage.files import read_json, read_parquet
+from storage.schemas import VOCAB
 
 REQUIRED = ("model.keras", "vocab.parquet", "tokenizer.json", "labels.json")
 
@@ -36,18 +35,15 @@ def _load(run_dir: str, stamp: float):
     missing = [name for name in REQUIRED if not (root / name).is_file()]
     if missing:
         raise InputFormatError(f"{root} is not a complete run directory: missing {', '.join(missing)}")
-    vocab_path = root / "vocab.parquet"
-    check_schema(pq.read_schema(vocab_path), VOCAB, str(vocab_path))
-    vocab = pq.read_table(vocab_path)
-    rules = json.loads((root / "tokenizer.json").read_text())
-    names = json.loads((root / "labels.json").read_text())
+    vocab = read_parquet(root / "vocab.parquet", VOCAB)
+    rules, names = read_json(root / "tokenizer.json"), read_json(root / "labels.json")
     return load_model(root / "model.keras"), vocab, rules, names
 
 
 def predict(run_dir: str | os.PathLike, texts: Sequence[str], batch_size: int = 256) -> list[Prediction]:
     """(label, probabilities) for each raw text, in order."""
     from tasks.model import predict_proba
-    from tasks.tokenize import texts_to_ids
+    from tasks.tokens import texts_to_ids
 
     root = Path(run_dir).resolve()
     model, vocab, rules, names = _load(str(root), (root / "model.keras").stat().st_mtime if root.exists() else 0.0)

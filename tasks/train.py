@@ -1,10 +1,10 @@
-"""tokens + embeddings -> runs/<key>/: a trained Keras classifier that can classify raw text on its own.
+"""tokens + embeddings -> train/<key>/: a trained Keras classifier that can classify raw text on its own.
 
 The run directory holds model.keras, history.parquet + curves.png (training curves),
 labels.json (group name of every label), and copies of the tokens artifact's vocab.parquet
 and tokenizer.json, so tasks/predict.py needs nothing but the run directory.
 
-The model and the training loop live in tasks/model.py (pure Keras, any backend); this
+The model and the training loop live in tasks/model/ (pure Keras, any backend); this
 module reads the artifacts, calls it, and writes the run. Training checkpoints go to the
 store's work_dir for the run key: a killed or retried training resumes from its last
 finished epoch, and the checkpoints are discarded once the run is published.
@@ -12,19 +12,18 @@ finished epoch, and the checkpoints are discarded once the run is published.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key, write_parquet
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import InputFormatError
-from storage.schemas import SEQUENCES
-from tasks.common import step_logger, step_task
+from storage.files import Staging
+from storage.schemas import DOCUMENTS, SEQUENCES
 from tasks.config import TrainConfig
+from tasks.step import Step, step_logger
 
 HISTORY = pa.schema(
     [
@@ -80,15 +79,10 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "trainin
 
 def label_names(store: ArtifactStore, tokens: ArtifactRef, n_labels: int) -> list[str]:
     """Group name of each label, read from the corpus the tokens came from; "label <i>" if unreachable."""
-    from storage.schemas import DOCUMENTS
-
-    manifest = store.read_manifest(tokens) or {}
-    for up in manifest.get("upstream", []):
-        if up.get("step") != "corpus":
-            continue
-        corpus = store.find("corpus", up["key"])
+    for up in (store.read_manifest(tokens) or {}).get("upstream", []):
+        corpus = store.find(up["step"], up["key"]) if up.get("step") == "corpus" else None
         if corpus is None:
-            break
+            continue
         table = store.read_parquet(corpus, "documents.parquet", DOCUMENTS, columns=["label", "group"])
         pairs = dict(zip(table["label"].to_pylist(), table["group"].to_pylist()))
         return [pairs.get(i, f"label {i}") for i in range(max(n_labels, len(pairs)))]
@@ -96,16 +90,11 @@ def label_names(store: ArtifactStore, tokens: ArtifactRef, n_labels: int) -> lis
 
 
 # -- step -------------------------------------------------------------------------------------------
-STEP = "runs"
-VERSION = 2  # 2: sublinear tf-idf bag of words; a run trained by version 1 would predict differently here
+STEP = Step("train", version=2)  # 2: sublinear tf-idf bag of words; a version-1 run would predict differently
 
 
-def run_key(cfg: TrainConfig, tokens: ArtifactRef, embeddings: ArtifactRef) -> str:
-    # Where training runs (deployment) does not change what it produces.
-    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json", exclude={"deployment"}), [tokens, embeddings])
-
-
-def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str, out: Path) -> dict:
+def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str,
+              out: Staging) -> dict:
     """Train and write the run files into `out`; returns the manifest extras."""
     from tasks.model import fit_classifier  # imports Keras
 
@@ -116,35 +105,30 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
         raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'train'")
     sequences = split_sequences(table)
     labels = table["label"].to_numpy(zero_copy_only=False).astype(np.int32)
-    tokens_dir = store.local_dir(tokens)
-    rules = json.loads((tokens_dir / "tokenizer.json").read_text())
+    rules = store.read_json(tokens, "tokenizer.json")
     max_length = int(rules.get("max_length") or max(len(s) for s in sequences) or 1)
-    matrix = np.load(store.local_dir(embeddings) / "matrix.npy")
     names = label_names(store, tokens, int(labels.max()) + 1)
 
     model, history, summary = fit_classifier(
-        cfg, [sequences[i] for i in train_rows], labels[train_rows], matrix, len(names), max_length,
-        store.work_dir(STEP, key), log,
+        cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"), len(names),
+        max_length, store.work_dir(STEP.name, key), log,
     )
-    model.save(out / "model.keras")
-    write_parquet(history_table(history), out / "history.parquet", HISTORY)
-    plot_curves(history, out / "curves.png", title=f"run {key} ({cfg.preset} preset)")
-    (out / "labels.json").write_text(json.dumps(names, indent=2) + "\n")
+    model.save(out.path("model.keras"))
+    out.write_parquet("history.parquet", history_table(history), HISTORY)
+    plot_curves(history, out.path("curves.png"), title=f"run {key} ({cfg.preset} preset)")
+    out.write_json("labels.json", names)
     for name in ("vocab.parquet", "tokenizer.json"):
-        shutil.copyfile(tokens_dir / name, out / name)
-    log.info("run %s: best validation accuracy %.4f at epoch %d of %d (%s on %s)", key,
-             summary["best_val_accuracy"] or 0.0, summary["best_epoch"], summary["epochs_run"], summary["backend"], summary["device"])
+        out.copy_in(name, store.local_file(tokens, name))
+    log.info("run %s: best validation accuracy %.4f at epoch %d of %d (%s on %s)", key, summary["best_val_accuracy"] or 0.0,
+             summary["best_epoch"], summary["epochs_run"], summary["backend"], summary["device"])
     return {"rows": int(len(train_rows)), "training": summary, "backend": summary["backend"], "device": summary["device"],
             "max_length": max_length, "classes": len(names)}
 
 
-@step_task("train")
+@STEP.task
 def train(cfg: TrainConfig, tokens: ArtifactRef, embeddings: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
-    store = ArtifactStore(data_home)
-    key = run_key(cfg, tokens, embeddings)
-    ref = store.publish(
-        STEP, key, build=lambda out: write_run(cfg, store, tokens, embeddings, key, out), version=VERSION,
-        params=cfg.model_dump(mode="json"), upstream=[tokens, embeddings],
-    )
-    store.discard_work(STEP, key)  # checkpoints are only needed until the run is published
-    return ref
+    key = STEP.key(cfg, [tokens, embeddings])
+    result = STEP.run(data_home, cfg, [tokens, embeddings],
+                      lambda store, out: write_run(cfg, store, tokens, embeddings, key, out))
+    ArtifactStore(data_home).discard_work(STEP.name, key)  # checkpoints are only needed until the run is published
+    return result

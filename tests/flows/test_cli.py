@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from flows.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_config, main
+from flows.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from storage.files import read_config_file
+from tasks.config import build_config
 from tests.flows.conftest import REPO_ROOT, tiny_config_dict
 
 
@@ -42,7 +44,7 @@ def test_usage_and_config_errors_exit_2_with_one_line(argv, capsys):
 def test_config_precedence_preset_then_file_then_overrides(tmp_path):
     file = tmp_path / "cfg.toml"
     file.write_text('[train]\nepochs = 4\nbatch_size = 16\n[tokenize]\nmax_length = 100\n')
-    cfg = build_config([str(file)], ["train.epochs=2", "corpus.strip=headers,quotes", "sources.corpus=news20"],
+    cfg = build_config([read_config_file(str(file))], ["train.epochs=2", "corpus.strip=headers,quotes", "sources.corpus=news20"],
                        preset="seed", data_home=str(tmp_path / "h"))
     assert cfg.train.preset == "seed" and cfg.train.architecture == "lstm_last"  # from the preset
     assert cfg.tokenize.num_words == 20_000  # the seed preset's tokenizer setting
@@ -63,7 +65,7 @@ def test_data_then_inspect_then_a_failing_run(tiny_sources, home, tmp_path, caps
 
     assert main(["inspect", "--data-home", home]) == EXIT_OK
     listing = capsys.readouterr().out
-    for step in ("downloads", "corpus", "glove"):
+    for step in ("download", "corpus", "glove"):
         assert step in listing
     corpus_key = next(line.split()[1] for line in listing.splitlines() if line.startswith("corpus "))
 
@@ -72,9 +74,9 @@ def test_data_then_inspect_then_a_failing_run(tiny_sources, home, tmp_path, caps
     assert '"step": "corpus"' in shown and "documents.parquet: 180 rows" in shown and "doc_id: string" in shown
 
     assert main(["inspect", "--lineage", f"corpus/{corpus_key}", "--data-home", home]) == EXIT_OK
-    assert "└── downloads/" in capsys.readouterr().out
+    assert "└── download/" in capsys.readouterr().out
 
-    assert main(["inspect", "runs/nothing", "--data-home", home]) == EXIT_USAGE
+    assert main(["inspect", "train/nothing", "--data-home", home]) == EXIT_USAGE
 
     # A pipeline failure: exit 1, one line naming the problem, no traceback.
     bad = tiny_config_dict(tiny_sources, home)
@@ -99,7 +101,7 @@ def test_run_prints_metrics_then_predict_classifies_text(tiny_sources, home, tmp
     assert main(["predict", "rocket launch orbit", "senate vote", "--data-home", home, "--json", "--top", "2"]) \
         == EXIT_OK
     result = json.loads(capsys.readouterr().out)
-    assert result["run"].startswith("runs/") and len(result["predictions"]) == 2
+    assert result["run"].startswith("train/") and len(result["predictions"]) == 2
     for prediction in result["predictions"]:
         assert prediction["label"] in {"rec.autos", "sci.space", "talk.politics"}
         assert len(prediction["top"]) == 2 and prediction["top"][0]["label"] == prediction["label"]

@@ -38,7 +38,7 @@ def test_a_run_killed_mid_training_then_rerun_completes_with_sound_artifacts(tin
     config = tiny_config_dict(tiny_sources, home)
     config["train"]["epochs"] = 3  # long enough to be killed inside training
     child = start_run(tmp_path, config, subprocess_env, "killed")
-    runs = Path(home) / "runs"
+    runs = Path(home) / "train"
     deadline = time.monotonic() + 240
     while not (runs.is_dir() and any(p.name.startswith(".") and not p.name.startswith(".locks") for p in runs.iterdir())):
         assert child.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
@@ -55,8 +55,8 @@ def test_a_run_killed_mid_training_then_rerun_completes_with_sound_artifacts(tin
     states = {name: s["state"] for name, s in summary["steps"].items()}
     assert states["tokens"] == "Cached" and states["train"] == "Completed", states  # finished steps are reused
     manifests = assert_store_is_sound(home)
-    assert {m["step"] for m in manifests} >= {"downloads", "corpus", "glove", "tokens", "embeddings", "runs",
-                                              "evaluations"}
+    assert {m["step"] for m in manifests} >= {"download", "corpus", "glove", "tokens", "embeddings", "train",
+                                              "evaluate"}
 
 
 def test_two_concurrent_runs_on_one_data_home_both_succeed(tiny_sources, home, tmp_path, subprocess_env):

@@ -87,7 +87,7 @@ def test_training_runs_on_the_gpu_pool_worker(prefect_server, tiny_sources, home
     assert set(deployments) == {("nightly", "cpu"), ("gpu", "gpu")}
     nightly = deployments[("nightly", "cpu")]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
-    assert nightly["parameters"]["config"]["train"]["deployment"] == "train-lstm/gpu"
+    assert nightly["parameters"]["train_deployment"] == "train-lstm/gpu"
     pull = deployments[("gpu", "gpu")]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
     assert Path(pull["directory"]).resolve() == REPO_ROOT
 
@@ -98,10 +98,10 @@ def test_training_runs_on_the_gpu_pool_worker(prefect_server, tiny_sources, home
                               cwd=worker_dir, stdout=worker_log, stderr=subprocess.STDOUT)
     try:
         config = tiny_config_dict(tiny_sources, home)
-        config["train"]["deployment"] = "train-lstm/gpu"
         path = tmp_path / "cfg.json"
         path.write_text(json.dumps(config))
-        done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", str(path), "--json"], env=env,
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", str(path), "--json",
+                               "--train-deployment", "train-lstm/gpu"], env=env,
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=420)
         assert done.returncode == 0, done.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
     finally:
@@ -115,6 +115,6 @@ def test_training_runs_on_the_gpu_pool_worker(prefect_server, tiny_sources, home
     assert [(c["work_pool_name"], c["state_type"]) for c in children] == [("gpu", "COMPLETED")]
     store = ArtifactStore(home)
     run = summary["artifacts"]["train"]
-    assert store.find("runs", run["key"], verify=True) is not None
-    assert store.find("evaluations", summary["artifacts"]["evaluate"]["key"]) is not None
+    assert store.find("train", run["key"], verify=True) is not None
+    assert store.find("evaluate", summary["artifacts"]["evaluate"]["key"]) is not None
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0

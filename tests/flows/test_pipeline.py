@@ -57,6 +57,7 @@ def test_second_run_is_cached_and_changes_rerun_only_what_depends_on_them(tiny_c
 def test_a_transient_failure_is_retried_and_then_succeeds(tiny_config, monkeypatch):
     from prefect import get_client
 
+    from flows import pipeline as pipeline_module
     from flows.pipeline import pipeline
     from tasks import corpus
 
@@ -70,7 +71,7 @@ def test_a_transient_failure_is_retried_and_then_succeeds(tiny_config, monkeypat
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr(corpus, "build_documents", flaky_build)
-    monkeypatch.setattr(corpus, "build_corpus", corpus.build_corpus.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(pipeline_module, "corpus", corpus.corpus.with_options(retry_delay_seconds=0))
     summary = pipeline(tiny_config, until="data")
 
     assert len(calls) == 2
@@ -115,15 +116,13 @@ def test_training_deployment_outcome_is_checked(tiny_config, monkeypatch, outcom
         return FlowRun(flow_id=uuid.uuid4(), name="gentle-otter", state=state, work_pool_name="gpu")
 
     monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
-    config = tiny_config.model_copy(
-        update={"train": tiny_config.train.model_copy(update={"deployment": "train-lstm/gpu"})})
     with pytest.raises(PipelineError) as error:
-        pipeline(config)
+        pipeline(tiny_config, train_deployment="train-lstm/gpu")
     message = str(error.value)
     if outcome == "failed":
         assert "TrainingDiverged: loss became NaN in epoch 2" in message and "gentle-otter" in message
     else:
         assert "same data home" in message
     (name, parameters, key), = calls
-    assert name == "train-lstm/gpu" and parameters["train"]["deployment"] is None
+    assert name == "train-lstm/gpu" and "deployment" not in parameters["train"]
     assert parameters["data_home"] == tiny_config.data_home and "-train-" in key

@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from storage.artifacts import ArtifactStore, artifact_key, write_parquet
+from storage.artifacts import ArtifactStore, artifact_key
+from storage.files import Staging
 from storage.errors import SchemaMismatch
 from storage.schemas import VOCAB
 
@@ -25,9 +26,9 @@ def vocab_table(n=3):
                      "count": pa.array([10] * n, pa.int64())}, schema=VOCAB)
 
 
-def build_vocab(staging: Path) -> dict:
-    rows = write_parquet(vocab_table(), staging / "vocab.parquet", VOCAB)
-    (staging / "note.txt").write_text("hello")
+def build_vocab(staging: Staging) -> dict:
+    rows = staging.write_parquet("vocab.parquet", vocab_table(), VOCAB)
+    (staging.path("note.txt")).write_text("hello")
     return {"rows": rows, "stats": {"answer": 42}}
 
 
@@ -54,8 +55,8 @@ def test_publish_find_and_manifest(home):
 def test_failed_build_leaves_nothing_and_next_publish_works(home):
     store = ArtifactStore(home)
 
-    def broken(staging: Path):
-        (staging / "vocab.parquet").write_bytes(b"half a file")
+    def broken(staging: Staging):
+        (staging.path("vocab.parquet")).write_bytes(b"half a file")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -71,7 +72,7 @@ def test_sigkill_during_build_leaves_nothing_trusted(home):
         sys.path.insert(0, {str(ROOT)!r})
         from storage.artifacts import ArtifactStore
         def build(staging):
-            (staging / "vocab.parquet").write_bytes(b"torn")
+            (staging.path("vocab.parquet")).write_bytes(b"torn")
             os.kill(os.getpid(), signal.SIGKILL)
         ArtifactStore({home!r}).publish("tokens", "k1", build, version=1, params={{}})
     """)
@@ -85,7 +86,7 @@ def test_sigkill_during_build_leaves_nothing_trusted(home):
 
 
 def _publish_slowly(home: str, counter: str) -> dict:
-    def build(staging: Path) -> dict:
+    def build(staging: Staging) -> dict:
         with open(counter, "a") as f:
             f.write("built\n")
         time.sleep(0.5)  # both processes are inside publish at once
@@ -124,17 +125,17 @@ def test_same_size_tampering_needs_verify(home):
 def test_read_parquet_refuses_a_wrong_schema(home):
     store = ArtifactStore(home)
 
-    def build(staging: Path):
+    def build(staging: Staging):
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"token": ["a"], "id": pa.array([1], pa.int64()), "count": pa.array([1], pa.int64())}),
-                       staging / "vocab.parquet")
+                       staging.path("vocab.parquet"))
 
     ref = store.publish("tokens", "k1", build, version=1, params={})
     with pytest.raises(SchemaMismatch, match="'id'"):
         store.read_parquet(ref, "vocab.parquet", VOCAB)
     with pytest.raises(SchemaMismatch):
-        write_parquet(pa.table({"token": ["a"]}), Path(home) / "x.parquet", VOCAB)
+        Staging(Path(home)).write_parquet("x.parquet", pa.table({"token": ["a"]}), VOCAB)
 
 
 def test_manifest_is_json_and_missing_manifest_means_absent(home):

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.artifacts import ArtifactRef, ArtifactStore, write_parquet
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.schemas import DOCUMENTS
 from tasks.config import TokenizeConfig, TrainConfig
 
@@ -47,12 +47,12 @@ def synthetic_documents(n_train: int = 200, n_test: int = 80, seed: int = 0, emp
 def publish_inputs(home: str, dim: int = 8, seed: int = 0, nan_row: bool = False, **corpus) -> tuple[ArtifactRef, ArtifactRef, pa.Table]:
     """(tokens ref, embeddings ref, documents) in the store at `home`: a corpus artifact, the real
     tokenize step on it, and a random embedding matrix (row 0 = padding = zeros)."""
-    from tasks.tokenize import tokenize
+    from tasks.tokens import tokens as tokenize
 
     store = ArtifactStore(home)
     documents = synthetic_documents(seed=seed, **corpus)
     corpus_ref = store.publish(
-        "corpus", f"synthetic{seed}", build=lambda d: {"rows": write_parquet(documents, d / "documents.parquet", DOCUMENTS)},
+        "corpus", f"synthetic{seed}", build=lambda d: {"rows": d.write_parquet("documents.parquet", documents, DOCUMENTS)},
         version=1, params={"seed": seed},
     )
     tokens = tokenize.fn(TokenizeConfig(num_words=200, max_length=40), corpus_ref, data_home=home)
@@ -63,7 +63,7 @@ def publish_inputs(home: str, dim: int = 8, seed: int = 0, nan_row: bool = False
         matrix[0] = 0.0
         if nan_row:
             matrix[1:] = np.nan
-        np.save(d / "matrix.npy", matrix)
+        d.write_npy("matrix.npy", matrix)
         return {"rows": len(matrix)}
 
     embeddings = store.publish("embeddings", f"synthetic{seed}-{dim}-{int(nan_row)}", build=write_matrix, version=1,

@@ -13,7 +13,7 @@ from storage.artifacts import ArtifactStore
 from storage.errors import InputFormatError
 from storage.schemas import DOCUMENTS
 from tasks.config import CorpusConfig, Source
-from tasks.corpus import (build_corpus, build_documents, clean_text, find_layout, strip_footer, strip_headers,
+from tasks.corpus import (corpus, build_documents, clean_text, find_layout, strip_footer, strip_headers,
                           strip_quotes)
 from tasks.download import download
 
@@ -111,12 +111,12 @@ def test_stratified_split_is_seeded_deterministic_and_stratified():
 
 
 # -- the task ----------------------------------------------------------------------------------------
-def test_build_corpus_task_with_stripping_and_cache(home, tmp_path):
+def test_corpus_task_with_stripping_and_cache(home, tmp_path):
     files = {"20news-bydate-train/sci.space/1": MESSAGE.encode(), "20news-bydate-train/rec.autos/2": b"cars",
              "20news-bydate-test/sci.space/3": b"orbit", "20news-bydate-test/rec.autos/4": "m\xe4chtig".encode("latin-1")}
     archive = download.fn(Source(url=str(make_tar(tmp_path / "news.tar.gz", files))), data_home=home)
     cfg = CorpusConfig(strip=("headers", "footers", "quotes"))
-    ref = build_corpus.fn(cfg, archive, data_home=home)
+    ref = corpus.fn(cfg, archive, data_home=home)
     store = ArtifactStore(home)
     table = store.read_parquet(ref, "documents.parquet", DOCUMENTS)
     assert ref.rows == 4 and table.num_rows == 4
@@ -127,16 +127,16 @@ def test_build_corpus_task_with_stripping_and_cache(home, tmp_path):
     assert manifest["label_map"] == {"rec.autos": 0, "sci.space": 1} and manifest["latin1_fallbacks"] == 1
     assert manifest["upstream"][0]["key"] == archive.key
     mtime = (store.local_dir(ref) / "documents.parquet").stat().st_mtime_ns
-    assert build_corpus.fn(cfg, archive, data_home=home) == ref
+    assert corpus.fn(cfg, archive, data_home=home) == ref
     assert (store.local_dir(ref) / "documents.parquet").stat().st_mtime_ns == mtime  # not rebuilt
     assert pq.read_metadata(store.local_dir(ref) / "documents.parquet").num_rows == 4
 
 
-def test_build_corpus_rejects_an_unsafe_archive(home, tmp_path):
+def test_corpus_rejects_an_unsafe_archive(home, tmp_path):
     files = {"c/a/1": b"x", "c/b/2": b"y", "../evil": b"z"}
     archive = download.fn(Source(url=str(make_tar(tmp_path / "bad.tar.gz", files))), data_home=home)
     from storage.errors import UnsafeArchiveError
 
     with pytest.raises(UnsafeArchiveError, match=r"\.\./evil"):
-        build_corpus.fn(CorpusConfig(), archive, data_home=home)
-    assert [m["step"] for m in ArtifactStore(home).list()] == ["downloads"]
+        corpus.fn(CorpusConfig(), archive, data_home=home)
+    assert [m["step"] for m in ArtifactStore(home).list()] == ["download"]

@@ -24,27 +24,27 @@ def no_sleep(monkeypatch):
 def test_pinned_source_is_cached_without_network(home):
     with Server([full]) as srv:
         source = Source(url=srv.url, sha256=SHA, filename="data.bin")
-        assert download_key(source) == SHA
+        assert download_key(source, ArtifactStore(home)) == SHA
         ref = download.fn(source, data_home=home)
         again = download.fn(source, data_home=home)
     assert ref == again and ref.key == SHA and len(srv.log) == 1
     assert (Path(ref.uri) / "data.bin").read_bytes() == PAYLOAD
     manifest = ArtifactStore(home).read_manifest(ref)
     assert manifest["sha256"] == SHA and manifest["url"] == srv.url and manifest["pinned"] is True
-    assert not list((Path(home) / "downloads").glob(".work-*"))
+    assert not list((Path(home) / "download").glob(".work-*"))
 
 
 def test_unpinned_source_records_sha_and_second_run_does_not_download(home):
     with Server([full]) as srv:
         source = Source(url=srv.url)
-        assert download_key(source, home) is None
+        assert download_key(source, ArtifactStore(home)) is None
         ref = download.fn(source, data_home=home)
-        assert download_key(source, home) == SHA and ref.key == SHA
+        assert download_key(source, ArtifactStore(home)) == SHA and ref.key == SHA
         assert download.fn(source, data_home=home) == ref
     assert len(srv.log) == 1
     manifest = ArtifactStore(home).read_manifest(ref)
     assert manifest["pinned"] is False and manifest["sha256"] == SHA
-    index = json.loads(next((Path(home) / "downloads" / ".urls").glob("*.json")).read_text())
+    index = json.loads(next((Path(home) / ".urls").glob("*.json")).read_text())
     assert index == {"url": srv.url, "sha256": SHA}
 
 

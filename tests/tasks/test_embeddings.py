@@ -5,11 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.artifacts import ArtifactRef, ArtifactStore, write_parquet
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import SchemaMismatch
 from storage.schemas import VOCAB, vectors_schema
 from tasks.config import EmbeddingsConfig
-from tasks.embeddings import build_embeddings, coverage, embedding_matrix, embeddings_key
+from tasks.embeddings import STEP, coverage, embedding_matrix, embeddings
 
 DIM = 4
 WORDS = ["the", "cat", "sat", "mat", "dog"]
@@ -27,7 +27,7 @@ def vocab_table(tokens, counts=None) -> pa.Table:
 
 
 def publish(home, step, key, name, table, schema) -> ArtifactRef:
-    return ArtifactStore(home).publish(step, key, build=lambda d: {"rows": write_parquet(table, d / name, schema)}, version=1, params={})
+    return ArtifactStore(home).publish(step, key, build=lambda d: {"rows": d.write_parquet(name, table, schema)}, version=1, params={})
 
 
 def test_rows_are_the_vectors_of_their_words_and_misses_are_zero():
@@ -66,12 +66,12 @@ def test_coverage_counts_types_and_token_weighted_hits():
     assert stats["top_missing"] == [{"token": "qqq", "count": 30}, {"token": "zzz", "count": 30}]
 
 
-def test_build_embeddings_task_writes_mappable_matrix_and_coverage(home):
+def test_embeddings_task_writes_mappable_matrix_and_coverage(home):
     tokens = publish(home, "tokens", "t1", "vocab.parquet", vocab_table(["dog", "xyz", "cat"]), VOCAB)
     vectors = publish(home, "glove", "g1", "vectors.parquet", vectors_table(), vectors_schema(DIM))
     cfg = EmbeddingsConfig(oov_init="zeros")
-    ref = build_embeddings.fn(cfg, tokens, vectors, data_home=home)
-    assert ref.step == "embeddings" and ref.key == embeddings_key(cfg, tokens, vectors) and ref.rows == 4
+    ref = embeddings.fn(cfg, tokens, vectors, data_home=home)
+    assert ref.step == "embeddings" and ref.key == STEP.key(cfg, [tokens, vectors]) and ref.rows == 4
     matrix = np.load(Path(ref.uri) / "matrix.npy", mmap_mode="r")
     assert isinstance(matrix, np.memmap) and matrix.shape == (4, DIM) and matrix.dtype == np.float32
     np.testing.assert_array_equal(matrix[1], VECTORS[4])
@@ -79,9 +79,9 @@ def test_build_embeddings_task_writes_mappable_matrix_and_coverage(home):
     stats = json.loads((Path(ref.uri) / "coverage.json").read_text())
     assert (stats["hits"], stats["misses"], stats["top_missing"]) == (2, 1, [{"token": "xyz", "count": 20}])
     assert ArtifactStore(home).read_manifest(ref)["coverage"]["hits"] == 2
-    again = build_embeddings.fn(cfg, tokens, vectors, data_home=home)
+    again = embeddings.fn(cfg, tokens, vectors, data_home=home)
     assert again == ref
-    normal = build_embeddings.fn(EmbeddingsConfig(oov_init="normal"), tokens, vectors, data_home=home)
+    normal = embeddings.fn(EmbeddingsConfig(oov_init="normal"), tokens, vectors, data_home=home)
     assert normal.key != ref.key
 
 
@@ -91,7 +91,7 @@ def test_vectors_with_wrong_schema_are_refused(home):
     bad_schema = bad.schema
     vectors = publish(home, "glove", "g1", "vectors.parquet", bad, bad_schema)
     with pytest.raises(SchemaMismatch, match="vector"):
-        build_embeddings.fn(EmbeddingsConfig(), tokens, vectors, data_home=home)
+        embeddings.fn(EmbeddingsConfig(), tokens, vectors, data_home=home)
 
 
 def test_a_repeated_vector_word_keeps_its_first_vector():

@@ -81,13 +81,13 @@ def test_evaluation_files_agree_with_each_other(evaluated):
 
 
 def test_evaluation_key_follows_run_and_config():
-    from tasks.evaluate import evaluation_key
+    from tasks import evaluate as evaluate_step
 
-    run_a = ArtifactRef(step="runs", key="a", uri="/x/runs/a")
-    run_b = ArtifactRef(step="runs", key="b", uri="/x/runs/b")
+    run_a = ArtifactRef(step="train", key="a", uri="/x/train/a")
+    run_b = ArtifactRef(step="train", key="b", uri="/x/train/b")
     tokens = ArtifactRef(step="tokens", key="t", uri="/x/tokens/t")
-    assert evaluation_key(EvaluateConfig(), run_a, tokens) == evaluation_key(EvaluateConfig(), run_a, tokens)
-    assert evaluation_key(EvaluateConfig(), run_a, tokens) != evaluation_key(EvaluateConfig(), run_b, tokens)
+    assert evaluate_step.STEP.key(EvaluateConfig(), [run_a, tokens]) == evaluate_step.STEP.key(EvaluateConfig(), [run_a, tokens])
+    assert evaluate_step.STEP.key(EvaluateConfig(), [run_a, tokens]) != evaluate_step.STEP.key(EvaluateConfig(), [run_b, tokens])
 
 
 def test_prefect_artifacts_are_published_inside_a_flow_run(evaluated, prefect_api):
@@ -95,13 +95,16 @@ def test_prefect_artifacts_are_published_inside_a_flow_run(evaluated, prefect_ap
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    from flows.results import publish_results
     from tasks.evaluate import evaluate
 
     home, run, tokens, ref, _ = evaluated
 
     @flow
     def evaluate_flow():
-        return evaluate(EvaluateConfig(), run, tokens, data_home=home)
+        evaluation = evaluate(EvaluateConfig(), run, tokens, data_home=home, return_state=True).result()
+        publish_results(ArtifactStore(home), evaluation)
+        return evaluation
 
     state = evaluate_flow(return_state=True)
     assert state.result() == ref  # a store hit: the report is rebuilt from the stored files

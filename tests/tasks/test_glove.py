@@ -13,7 +13,7 @@ from storage.errors import InputFormatError
 from storage.schemas import vectors_schema
 from tasks.config import GloveConfig, Source
 from tasks.download import download
-from tasks.glove import parse_glove, parse_vectors, read_glove_zip
+from tasks.glove import glove, parse_vectors, read_glove_zip
 
 DIM = 50
 GOOD = [f"{w} " + " ".join(f"{(i + j) / 100:.5f}" for j in range(DIM)) for i, w in enumerate(["the", ",", "null", "nan", "n/a", '"quoted'])]
@@ -84,12 +84,12 @@ def test_zip_member_errors(tmp_path):
         read_glove_zip(bad, DIM)
 
 
-def test_parse_glove_task_and_cache(home, tmp_path):
+def test_glove_task_and_cache(home, tmp_path):
     archive = download.fn(Source(url=str(make_zip(tmp_path / "glove.6B.zip", GOOD))), data_home=home)
-    ref = parse_glove.fn(GloveConfig(dim=DIM), archive, data_home=home)
+    ref = glove.fn(GloveConfig(dim=DIM), archive, data_home=home)
     store = ArtifactStore(home)
     table = store.read_parquet(ref, "vectors.parquet", vectors_schema(DIM))
     assert ref.rows == 6 and table.column("word")[2].as_py() == "null"
     manifest = store.read_manifest(ref)
     assert manifest["member"] == "glove.6B.50d.txt" and manifest["duplicate_words"] == 0
-    assert parse_glove.fn(GloveConfig(dim=DIM), archive, data_home=home) == ref
+    assert glove.fn(GloveConfig(dim=DIM), archive, data_home=home) == ref

@@ -1,4 +1,4 @@
-"""Prediction from a run directory alone, on raw strings, tokenized by tasks.tokenize's rules."""
+"""Prediction from a run directory alone, on raw strings, tokenized by tasks.tokens's rules."""
 
 from __future__ import annotations
 

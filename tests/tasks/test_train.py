@@ -53,7 +53,7 @@ def test_run_holds_everything_needed_to_classify_and_learns(trained):
     assert manifest["backend"] == "tensorflow" and manifest["device"] == "cpu"
     assert manifest["training"]["epochs_run"] == 2 and manifest["training"]["resumed_from_epoch"] == 0
     assert manifest["upstream"] == [{"step": t.step, "key": t.key, "uri": t.uri} for t in (tokens, embeddings)]
-    assert not (Path(home) / "runs" / f".work-{ref.key}").exists(), "checkpoints are discarded once published"
+    assert not (Path(home) / "train" / f".work-{ref.key}").exists(), "checkpoints are discarded once published"
 
     # Accuracy on the held-out test split, far above chance (0.25).
     table = pq.read_table(store.local_dir(tokens) / "sequences.parquet")
@@ -74,7 +74,10 @@ def test_second_call_is_a_store_hit(trained):
 
 
 def test_run_key_follows_training_params_and_inputs_not_the_deployment():
-    from tasks.train import run_key
+    from tasks.train import STEP
+
+    def run_key(cfg, tokens, matrix):
+        return STEP.key(cfg, [tokens, matrix])
 
     tokens = ArtifactRef(step="tokens", key="t1", uri="/x/tokens/t1")
     matrix = ArtifactRef(step="embeddings", key="e1", uri="/x/embeddings/e1")
@@ -83,7 +86,7 @@ def test_run_key_follows_training_params_and_inputs_not_the_deployment():
     assert run_key(cfg, tokens, matrix) == run_key(TrainConfig(), tokens, matrix)
     assert run_key(cfg, tokens, matrix) != run_key(cfg.model_copy(update={"epochs": 3}), tokens, matrix)
     assert run_key(cfg, tokens, matrix) != run_key(cfg, tokens, other)
-    assert run_key(cfg, tokens, matrix) == run_key(cfg.model_copy(update={"deployment": "train-lstm/gpu"}), tokens, matrix)
+    assert "deployment" not in TrainConfig.model_fields  # where training runs is a flow parameter, not a training setting
 
 
 def test_presets():
@@ -120,7 +123,7 @@ KILL_AFTER_FIRST_EPOCH = textwrap.dedent(
 
 
 def test_killed_training_resumes_from_its_last_finished_epoch(home):
-    from tasks.train import run_key, train
+    from tasks.train import STEP, train
 
     tokens, embeddings, _ = publish_inputs(home, seed=1)
     cfg = tiny_config(epochs=3)
@@ -130,9 +133,9 @@ def test_killed_training_resumes_from_its_last_finished_epoch(home):
                            capture_output=True, text=True, timeout=240)
     assert child.returncode == -9, child.stderr[-2000:]
     store = ArtifactStore(home)
-    key = run_key(cfg, tokens, embeddings)
-    assert store.find("runs", key) is None, "a killed training publishes nothing"
-    assert [p.name for p in sorted(store.work_dir("runs", key).glob("ckpt-*"))] == ["ckpt-0001"]
+    key = STEP.key(cfg, [tokens, embeddings])
+    assert store.find("train", key) is None, "a killed training publishes nothing"
+    assert [p.name for p in sorted(store.work_dir("train", key).glob("ckpt-*"))] == ["ckpt-0001"]
 
     ref = train.fn(cfg, tokens, embeddings, data_home=home)
     training = store.read_manifest(ref)["training"]

@@ -28,24 +28,20 @@ reading them from tokenizer.json.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc  # noqa: F401 - pa.ipc
-import pyarrow.parquet as pq
 
-from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import InputFormatError
-from storage.schemas import DOCUMENTS, SEQUENCES, VOCAB, check_schema
-from tasks.common import step_logger, step_task
+from storage.files import Staging
+from storage.schemas import DOCUMENTS, SEQUENCES, VOCAB
 from tasks.config import TokenizeConfig
+from tasks.step import Step
 
 SPLIT = " "  # Keras's default split; the one separator every filter character is mapped to
 OOV_RULE = "drop"
@@ -264,70 +260,50 @@ def tokenizer_rules(cfg: TokenizeConfig, vocab_size: int, distinct_words: int) -
     }
 
 
-# -- step --------------------------------------------------------------------------------------------
-STEP = "tokens"
-VERSION = 1
-
-
-def tokens_key(cfg: TokenizeConfig, corpus: ArtifactRef) -> str:
-    return artifact_key(STEP, VERSION, cfg.model_dump(mode="json"), [corpus])
-
-
+# -- step ------------------------------------------------------------------------------------------
+STEP = Step("tokens", version=1)
 _WORDS = pa.schema([("doc_id", pa.string()), ("label", pa.int16()), ("split", pa.string()), ("words", pa.list_(pa.string()))])
 
 
-def _document_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    parquet = pq.ParquetFile(path)
-    check_schema(parquet.schema_arrow, DOCUMENTS, str(path))
-    yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
-
-
-def write_tokens(cfg: TokenizeConfig, documents: Path, out: Path) -> dict:
-    """Fit on the train split of documents.parquet, write the three files into `out`; manifest extras.
+def write_tokens(cfg: TokenizeConfig, documents: Iterable[pa.RecordBatch], out: Staging, source: str = "documents") -> dict:
+    """Fit on the train split of the documents, write the three files into `out`; manifest extras.
 
     Pass 1 splits every document once, counts the training words and spills the word lists to a
-    memory-mapped Arrow file next to `out`; pass 2 maps them to ids. Memory stays one batch deep.
+    memory-mapped Arrow file; pass 2 maps them to ids. Memory stays one batch deep.
     """
     rules = rules_of(cfg)
-    with tempfile.TemporaryDirectory(prefix=f"{out.name}-words-", dir=out.parent) as scratch:
-        spill = Path(scratch) / "words.arrow"
-        with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, _WORDS) as spilled:
-            def train_words() -> Iterator[pa.ListArray]:
-                for batch in _document_batches(documents, ["doc_id", "label", "split", "text"]):
-                    words = split_words(batch["text"], rules)
-                    spilled.write_batch(pa.record_batch([batch["doc_id"], batch["label"], batch["split"], words], schema=_WORDS))
-                    yield words.filter(pc.equal(batch["split"], "train"))
+    with out.spill(_WORDS) as spill:
+        def train_words() -> Iterator[pa.ListArray]:
+            for batch in documents:
+                words = split_words(batch["text"], rules)
+                spill.write(pa.record_batch([batch["doc_id"], batch["label"], batch["split"], words], schema=_WORDS))
+                yield words.filter(pc.equal(batch["split"], "train"))
 
-            counts = count_words(train_words())
+        counts = count_words(train_words())
         if counts.num_rows == 0:
-            raise InputFormatError(f"{documents}: no words in the 'train' split to fit a vocabulary on")
+            raise InputFormatError(f"{source}: no words in the 'train' split to fit a vocabulary on")
         vocab = vocabulary(counts, cfg.num_words)
-        pq.write_table(vocab, out / "vocab.parquet", compression="zstd")
+        out.write_parquet("vocab.parquet", vocab, VOCAB)
         rows = truncated = 0
         splits: dict[str, int] = {}
-        with pa.memory_map(str(spill)) as source, pq.ParquetWriter(out / "sequences.parquet", SEQUENCES, compression="zstd") as writer:
-            reader = pa.ipc.open_file(source)
-            for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
+        with out.parquet_writer("sequences.parquet", SEQUENCES) as writer:
+            for batch in spill.batches():
                 ids, lengths = encode(batch["words"], vocab, rules)
                 writer.write_table(pa.table([batch["doc_id"], batch["label"], batch["split"], ids, lengths], schema=SEQUENCES))
                 rows += batch.num_rows
                 truncated += int(pc.sum(pc.greater(lengths, cfg.max_length)).as_py() or 0)
                 for value, count in zip(*pc.value_counts(batch["split"]).flatten()):
                     splits[value.as_py()] = splits.get(value.as_py(), 0) + count.as_py()
-    rules_json = tokenizer_rules(cfg, vocab.num_rows, counts.num_rows)
-    (out / "tokenizer.json").write_text(json.dumps(rules_json, indent=2) + "\n")
+    out.write_json("tokenizer.json", tokenizer_rules(cfg, vocab.num_rows, counts.num_rows))
     return {"rows": rows, "vocab_size": vocab.num_rows, "distinct_train_words": counts.num_rows,
             "truncated_documents": truncated, "truncation": {"applied": "tokenize", "mode": cfg.truncation, "max_length": cfg.max_length},
             "oov": OOV_RULE, "splits": splits}
 
 
-@step_task("tokenize")
-def tokenize(cfg: TokenizeConfig, corpus: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
-    store = ArtifactStore(data_home)
-    key = tokens_key(cfg, corpus)
-    documents = store.local_dir(corpus) / "documents.parquet"
-    ref = store.publish(STEP, key, build=lambda d: write_tokens(cfg, documents, d), version=VERSION,
-                        params=cfg.model_dump(mode="json"), upstream=[corpus])
-    step_logger().info("tokens %s: %s documents", ref.key, ref.rows)
-    return ref
+@STEP.task
+def tokens(cfg: TokenizeConfig, corpus: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
+    def build(store: ArtifactStore, out: Staging) -> dict:
+        documents = store.iter_batches(corpus, "documents.parquet", DOCUMENTS, ["doc_id", "label", "split", "text"], BATCH_ROWS)
+        return write_tokens(cfg, documents, out, source=corpus.file("documents.parquet"))
+
+    return STEP.run(data_home, cfg, [corpus], build)

@@ -1,0 +1,86 @@
+"""Text the CLI prints: the end-of-run summary, artifact listings, lineage, manifests, predictions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def summary(result: dict) -> str:
+    """The end-of-run table: state, time, rows and location per step, then the headline metrics."""
+    rows = [[name, s.get("state"), f"{s.get('seconds', 0):.1f}", s.get("rows"), s.get("uri")]
+            for name, s in result["steps"].items()]
+    out = [table(rows, ["step", "state", "seconds", "rows", "artifact"])]
+    states = [s.get("state") for s in result["steps"].values()]
+    out.append(f"\ncache hits: {states.count('Cached')}/{len(states)} steps   total: {result['seconds']:.1f} s"
+               f"   data home: {result['data_home']}")
+    metrics = result.get("metrics") or {}
+    shown = [(label, metrics[key]) for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+             if isinstance(metrics.get(key), (int, float))]
+    if shown:
+        out.append("   ".join(f"{label}: {value:.4f}" for label, value in shown))
+    return "\n".join(out)
+
+
+def artifact_list(manifests: list[dict], root: str) -> str:
+    if not manifests:
+        return f"no artifacts in {root}"
+    rows = []
+    for m in manifests:
+        params = json.dumps(m.get("params"), separators=(",", ":"), default=str)
+        rows.append([m["step"], m["key"], m.get("rows"), size(sum(f.get("bytes", 0) for f in m.get("files", {}).values())),
+                     m.get("created", "")[:19], params if len(params) <= 70 else params[:67] + "..."])
+    return table(rows, ["step", "key", "rows", "size", "created", "params"]) + f"\n\n{len(rows)} artifacts in {root}"
+
+
+def lineage(walk) -> str:
+    """Lines of store.lineage(): one per artifact, indented under what it was built from."""
+    lines, seen = [], set()
+    for depth, step, key, manifest in walk:
+        indent = "    " * (depth - 1) + "└── " if depth else ""
+        if manifest is None:
+            lines.append(f"{indent}{step}/{key}  (missing: deleted or not built yet)")
+        elif (step, key) in seen:
+            lines.append(f"{indent}{step}/{key}  (see above)")
+        else:
+            lines.append(f"{indent}{step}/{key}  rows={manifest.get('rows')}  created={manifest.get('created', '')[:19]}")
+        seen.add((step, key))
+    return "\n".join(lines)
+
+
+def parquet_preview(name: str, rows: int, schema, head) -> str:
+    out = f"\n== {name}: {rows} rows\n{schema}"
+    if head is not None and head.num_rows:
+        import pandas as pd
+
+        with pd.option_context("display.max_columns", 20, "display.width", 160, "display.max_colwidth", 60):
+            out += "\n" + head.to_pandas().to_string(max_rows=head.num_rows)
+    return out
+
+
+def predictions(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        snippet = " ".join(r["text"].split())
+        snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
+        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
+        lines.append(f"{r['label']}\t{top}\t{snippet}")
+    return "\n".join(lines)

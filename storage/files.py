@@ -1,0 +1,148 @@
+"""Local files: the one place outside the artifact store that reads or writes them.
+
+`Staging` is what a step's build function writes into (a private directory that the store
+publishes when it is complete); the readers below are what tasks use for a file a user gave
+(a config file, a text to classify) or a local copy of an artifact file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
+import pyarrow.parquet as pq
+
+from storage.errors import InputFormatError
+from storage.schemas import check_schema
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputFormatError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A user's text file, decoded as UTF-8 (undecodable bytes become U+FFFD)."""
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def read_parquet(path: str | os.PathLike, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    check_schema(pq.read_schema(path), schema, str(path))
+    return pq.read_table(path, columns=columns)
+
+
+def parquet_head(path: str | os.PathLike, rows: int) -> tuple[int, pa.Schema, pa.Table | None]:
+    """(row count, schema, first rows) of a Parquet file, reading only its first row group."""
+    file = pq.ParquetFile(path)
+    head = file.read_row_group(0).slice(0, rows) if file.num_row_groups else None
+    return file.metadata.num_rows, file.schema_arrow, head
+
+
+def parquet_rows(path: str | os.PathLike) -> int:
+    return pq.read_metadata(path).num_rows
+
+
+class Staging:
+    """The private directory a step writes its artifact's files into before the store publishes it."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def path(self, name: str) -> Path:
+        """Where a library that writes to a path (Keras, matplotlib) should write file `name`."""
+        return self.dir / name
+
+    def write_parquet(self, name: str, table: pa.Table, schema: pa.Schema) -> int:
+        """Write a table after checking its schema; return its row count."""
+        check_schema(table.schema, schema, str(self.dir / name))
+        pq.write_table(table, self.dir / name, compression="zstd")
+        return table.num_rows
+
+    @contextmanager
+    def parquet_writer(self, name: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """A writer for one Parquet file, fed table by table (row group by row group)."""
+        with pq.ParquetWriter(self.dir / name, schema, compression="zstd") as writer:
+            yield writer
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json(self.dir / name, obj)
+
+    def write_npy(self, name: str, array: np.ndarray) -> None:
+        np.save(self.dir / name, array)
+
+    def move_in(self, name: str, source: Path) -> None:
+        os.replace(source, self.dir / name)
+
+    def copy_in(self, name: str, source: Path) -> None:
+        shutil.copyfile(source, self.dir / name)
+
+    @contextmanager
+    def spill(self, schema: pa.Schema) -> Iterator[Spill]:
+        """A temporary Arrow file beside the staging directory, for data too big to keep in memory."""
+        with tempfile.TemporaryDirectory(prefix=f"{self.dir.name}-spill-", dir=self.dir.parent) as scratch:
+            yield Spill(Path(scratch) / "spill.arrow", schema)
+
+
+class Spill:
+    """Record batches written once, then read back memory-mapped (so only one batch is in memory)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, schema)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        self._writer.close()
+        self._sink.close()
+        with pa.memory_map(str(self.path)) as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+
+
+def read_config_file(path: str) -> dict:
+    """A TOML or JSON file shaped like PipelineConfig (tables/objects for the sub-configs)."""
+    from storage.errors import UsageError
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file {path} not found")
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(file.read_text(encoding="utf-8"))
+        else:
+            import tomllib
+
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path}: expected a table/object at the top level")
+    return data
