@@ -4,7 +4,7 @@ The run directory holds model.keras, history.parquet + curves.png (training curv
 labels.json (group name of every label), and copies of the tokens artifact's vocab.parquet
 and tokenizer.json, so tasks/predict.py needs nothing but the run directory.
 
-The model and the training loop live in tasks/model.py (pure Keras, any backend); this
+The model and the training loop live in tasks/model/ (pure Keras, any backend); this
 module reads the artifacts, calls it, and writes the run. Training checkpoints go to the
 store's work_dir for the run key: a killed or retried training resumes from its last
 finished epoch, and the checkpoints are discarded once the run is published.
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key, write_parquet
-from storage.errors import InputFormatError
+from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 from storage.schemas import SEQUENCES
 from tasks.common import step_logger, step_task
 from tasks.config import TrainConfig
@@ -35,7 +35,7 @@ HISTORY = pa.schema(
         ("val_accuracy", pa.float64()),
         ("learning_rate", pa.float64()),
         ("seconds", pa.float64()),
-        ("mixture", pa.list_(pa.float64())),  # weight of each expert in the classifier after this epoch
+        ("expert_weights", pa.list_(pa.float64())),  # weight of each expert in the classifier after this epoch
         ("expert_val_accuracy", pa.list_(pa.float64())),
     ]
 )
@@ -97,7 +97,7 @@ def label_names(store: ArtifactStore, tokens: ArtifactRef, n_labels: int) -> lis
 
 # -- step -------------------------------------------------------------------------------------------
 STEP = "runs"
-VERSION = 2  # 2: sublinear tf-idf bag of words; a run trained by version 1 would predict differently here
+VERSION = 3  # 2: sublinear tf-idf bag of words; 3: tasks/model/ package (layer ExpertProduct, column expert_weights)
 
 
 def run_key(cfg: TrainConfig, tokens: ArtifactRef, embeddings: ArtifactRef) -> str:
@@ -107,7 +107,8 @@ def run_key(cfg: TrainConfig, tokens: ArtifactRef, embeddings: ArtifactRef) -> s
 
 def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str, out: Path) -> dict:
     """Train and write the run files into `out`; returns the manifest extras."""
-    from tasks.model import fit_classifier  # imports Keras
+    from tasks.model import ModelError, ModelInputError, fit_classifier  # imports Keras
+    from tasks.model import TrainingDiverged as ModelDiverged
 
     log = step_logger()
     table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["label", "split", "ids"])
@@ -122,10 +123,14 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     matrix = np.load(store.local_dir(embeddings) / "matrix.npy")
     names = label_names(store, tokens, int(labels.max()) + 1)
 
-    model, history, summary = fit_classifier(
-        cfg, [sequences[i] for i in train_rows], labels[train_rows], matrix, len(names), max_length,
-        store.work_dir(STEP, key), log,
-    )
+    try:
+        model, history, summary = fit_classifier(
+            cfg, [sequences[i] for i in train_rows], labels[train_rows], matrix, len(names), max_length,
+            store.work_dir(STEP, key), log,
+        )
+    except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
+        kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged}.get(type(exc), PipelineError)
+        raise kind(str(exc)) from exc
     model.save(out / "model.keras")
     write_parquet(history_table(history), out / "history.parquet", HISTORY)
     plot_curves(history, out / "curves.png", title=f"run {key} ({cfg.preset} preset)")
