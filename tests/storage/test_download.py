@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import storage.download as dl
-from storage.errors import ChecksumMismatch, DownloadError, TransientError
+from storage.errors import ChecksumMismatch, DownloadError, SourceUnreachable, TransientError
+from tasks.common import is_transient
 
 PAYLOAD = bytes(range(256)) * 800  # 204,800 bytes
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -208,14 +209,20 @@ def test_permanent_status_is_not_retried(tmp_path, sleeps, code):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_connection_refused_gives_transient_error_after_bounded_attempts(tmp_path, sleeps):
+def closed_port_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again before the download: nothing listens there
-    url = f"http://127.0.0.1:{port}/f"
-    with pytest.raises(TransientError, match=rf"could not reach {url} after 3 attempts"):
+    return f"http://127.0.0.1:{port}/f.zip"
+
+
+def test_connection_refused_fails_fast_after_one_quick_retry(tmp_path, sleeps):
+    url = closed_port_url()
+    with pytest.raises(SourceUnreachable, match=rf"could not reach {url} after 2 attempts: connection refused") as err:
         dl.fetch(url, tmp_path / "f", sha256=SHA, attempts=3)
-    assert len(sleeps) == 2 and sleeps[1] > 0
+    assert len(sleeps) == 1 and 0 < sleeps[0] <= 1  # one quick second try, not minutes of backoff
+    assert not isinstance(err.value, TransientError) and not is_transient(err.value)  # Prefect does not retry it either
+    assert "NEWSGROUPS_LSTM_GLOVE_URL" in str(err.value)
 
 
 def test_stalled_server_times_out_and_retries(tmp_path, sleeps):

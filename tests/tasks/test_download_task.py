@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -14,6 +15,9 @@ from storage.errors import ChecksumMismatch
 from tasks.config import Source
 from tasks.download import download, download_key
 from tests.storage.test_download import PAYLOAD, SHA, Server, full
+
+ARCHIVE = gzip.compress(PAYLOAD, mtime=0)  # what an unpinned source must serve: an archive
+ARCHIVE_SHA = hashlib.sha256(ARCHIVE).hexdigest()
 
 
 @pytest.fixture(autouse=True)
@@ -35,17 +39,17 @@ def test_pinned_source_is_cached_without_network(home):
 
 
 def test_unpinned_source_records_sha_and_second_run_does_not_download(home):
-    with Server([full]) as srv:
+    with Server([full], body=ARCHIVE) as srv:
         source = Source(url=srv.url)
         assert download_key(source, home) is None
         ref = download.fn(source, data_home=home)
-        assert download_key(source, home) == SHA and ref.key == SHA
+        assert download_key(source, home) == ARCHIVE_SHA and ref.key == ARCHIVE_SHA
         assert download.fn(source, data_home=home) == ref
     assert len(srv.log) == 1
     manifest = ArtifactStore(home).read_manifest(ref)
-    assert manifest["pinned"] is False and manifest["sha256"] == SHA
+    assert manifest["pinned"] is False and manifest["sha256"] == ARCHIVE_SHA
     index = json.loads(next((Path(home) / "downloads" / ".urls").glob("*.json")).read_text())
-    assert index == {"url": srv.url, "sha256": SHA}
+    assert index == {"url": srv.url, "sha256": ARCHIVE_SHA}
 
 
 def test_cached_file_with_wrong_size_is_downloaded_again(home):
@@ -68,8 +72,9 @@ def test_checksum_mismatch_caches_nothing_and_next_run_downloads_again(home):
 
 def test_file_url_and_plain_path_sources(home, tmp_path):
     src = tmp_path / "archive.tar.gz"
-    src.write_bytes(b"payload")
-    sha = hashlib.sha256(b"payload").hexdigest()
+    payload = gzip.compress(b"payload", mtime=0)  # unpinned: it must be the gzip its name promises
+    src.write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
     a = download.fn(Source(url=src.as_uri()), data_home=home)
     b = download.fn(Source(url=str(src), sha256=sha), data_home=home)
-    assert a.key == b.key == sha and (Path(a.uri) / "archive.tar.gz").read_bytes() == b"payload"
+    assert a.key == b.key == sha and (Path(a.uri) / "archive.tar.gz").read_bytes() == payload
