@@ -325,47 +325,47 @@ def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:20]
 
 
-def _index_path(home: str | None, url: str) -> Path:
-    return ArtifactStore(home).local_root.joinpath(*URL_INDEX, f"{url_hash(url)}.json")
+def _index_path(data_home: str | None, url: str) -> Path:
+    return ArtifactStore(data_home).local_root.joinpath(*URL_INDEX, f"{url_hash(url)}.json")
 
 
-def seen_sha256(home: str | None, url: str) -> str | None:
+def seen_sha256(data_home: str | None, url: str) -> str | None:
     """The sha256 this data home recorded for an unpinned `url`, or None."""
     try:
-        return json.loads(_index_path(home, url).read_text())["sha256"]
+        return json.loads(_index_path(data_home, url).read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def record_sha256(home: str | None, url: str, sha256: str) -> None:
-    path = _index_path(home, url)
+def record_sha256(data_home: str | None, url: str, sha256: str) -> None:
+    path = _index_path(data_home, url)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"url": url, "sha256": sha256}))
     os.replace(tmp, path)  # atomic: a reader sees the old index or the new one
 
 
-def forget_url(home: str | None, url: str) -> bool:
+def forget_url(data_home: str | None, url: str) -> bool:
     """Drop the record of what `url` gave, so the next run fetches it again; True if there was one."""
-    path = _index_path(home, url)
+    path = _index_path(data_home, url)
     existed = path.exists()
     path.unlink(missing_ok=True)
     return existed
 
 
-def forget_download(ref: ArtifactRef, home: str | None = None) -> bool:
+def forget_download(ref: ArtifactRef, data_home: str | None = None) -> bool:
     """forget_url for the URL a download artifact came from, if it was unpinned (for a parse step
     that found the archive unusable); True if a record was dropped."""
-    manifest = ArtifactStore(home).read_manifest(ref) or {}
+    manifest = ArtifactStore(data_home).read_manifest(ref) or {}
     params = manifest.get("params") or {}
     if manifest.get("pinned") or not params.get("url"):
         return False
-    return forget_url(home, params["url"])
+    return forget_url(data_home, params["url"])
 
 
-def downloaded_file(ref: ArtifactRef, home: str | None = None) -> Path:
+def downloaded_file(ref: ArtifactRef, data_home: str | None = None) -> Path:
     """The local path of the one file a download artifact holds."""
-    store = ArtifactStore(home)
+    store = ArtifactStore(data_home)
     manifest = store.read_manifest(ref) or {}
     names = list(manifest.get("files", {}))
     if len(names) != 1:
