@@ -131,7 +131,7 @@ def read_glove_zip(path: str | Path, dim: int, max_bytes: int | None = None) -> 
         source = f"{path}:{member}"
         with open_zip_member(zf, member) as stream:
             try:
-                return parse_vectors(stream, dim, source, reopen=lambda: zf.open(member))
+                return parse_vectors(stream, dim, source, reopen=lambda: open_zip_member(zf, member))
             except InputFormatError:
                 raise
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # e.g. "Bad CRC-32" while streaming
