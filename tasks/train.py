@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.checkpoints import CheckpointDir
 from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 from storage.files import Staging
 from storage.schemas import DOCUMENTS, SEQUENCES
@@ -113,7 +114,7 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     try:
         model, history, summary = fit_classifier(
             cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
-            len(names), max_length, store.work_dir(STEP.name, key), log,
+            len(names), max_length, CheckpointDir(store.work_dir(STEP.name, key)), log,
         )
     except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
         kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged}.get(type(exc), PipelineError)
