@@ -39,7 +39,6 @@ HISTORY = pa.schema(
         ("expert_val_accuracy", pa.list_(pa.float64())),
     ]
 )
-RUN_FILES = ("model.keras", "history.parquet", "curves.png", "labels.json", "vocab.parquet", "tokenizer.json")
 
 
 # -- pure functions ---------------------------------------------------------------------------------
