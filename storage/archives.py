@@ -2,9 +2,9 @@
 
 Our archives only ever need regular files and directories, so every other member type
 (symlink, hardlink, device, FIFO) is refused, as is any name that is absolute or contains
-`..` (RELIABILITY 0.4, 0.5). Each member is checked before anything is written, and a
+`..`. Each member is checked before anything is written, and a
 gzip stream is always read to its end: tarfile stops silently at the first invalid header,
-so only the gzip CRC at the end of the stream catches a corrupted middle (RELIABILITY 0.1).
+so only the gzip CRC at the end of the stream catches a corrupted middle.
 """
 
 from __future__ import annotations
