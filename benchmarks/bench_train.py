@@ -66,14 +66,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str]]) -> tuple[dict, dict]:
-    """{(setting, num_words, truncation): arrays} built with the project's pure step functions, and the configs used."""
+def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str, bool]]) -> tuple[dict, dict]:
+    """{(setting, num_words, truncation, split_contractions): arrays} built with the project's pure step functions, and the configs used."""
     from storage.archives import iter_archive
     from tasks.config import CorpusConfig, EmbeddingsConfig, TokenizeConfig
     from tasks.corpus import build_documents
     from tasks.embeddings import embedding_matrix
     from tasks.glove import read_glove_zip
     from tasks.tokens import encode, fit_vocabulary, rules_of, split_words
+    from tasks.train import posting_order
 
     for name, expected in SHA256.items():
         got = sha256(data_dir / name)
@@ -90,21 +91,24 @@ def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str]
                                        archive="20news-bydate.tar.gz")
         texts = documents["text"]
         is_test = np.asarray(documents["split"].to_pylist()) == "test"
-        for num_words, truncation in sorted(tokenizers):
-            cfg = TokenizeConfig(num_words=num_words, max_length=RECIPE["max_length"], truncation=truncation)
+        order = posting_order(documents["doc_id"].to_pylist())
+        for num_words, truncation, contractions in sorted(tokenizers):
+            cfg = TokenizeConfig(num_words=num_words, max_length=RECIPE["max_length"], truncation=truncation,
+                                 split_contractions=contractions)
             rules = rules_of(cfg)
             vocab, _ = fit_vocabulary([texts.filter(~is_test)], rules, cfg.num_words)
             ids, _ = encode(split_words(texts, rules), vocab, rules)
             matrix, hit = embedding_matrix(vocab, vectors, embeddings_cfg.oov_init, embeddings_cfg.seed)
-            prepared[(setting, num_words, truncation)] = {
+            prepared[(setting, num_words, truncation, contractions)] = {
                 "offsets": ids.offsets.to_numpy().astype(np.int64),
                 "ids": ids.values.to_numpy(zero_copy_only=False).astype(np.int32),
                 "labels": documents["label"].to_numpy().astype(np.int16),
                 "is_test": is_test,
+                "order": order,
                 "matrix": matrix,
                 "groups": sorted(set(documents["group"].to_pylist())),
             }
-            configs[dataset_name(setting, num_words, truncation)] = {"tokenize": cfg.model_dump(), "embeddings": embeddings_cfg.model_dump(),
+            configs[dataset_name(setting, num_words, truncation, contractions)] = {"tokenize": cfg.model_dump(), "embeddings": embeddings_cfg.model_dump(),
                                                   "glove_hit_rate": round(float(hit[1:].mean()), 4)}
         log(f"{setting}: {documents.num_rows} documents tokenized for {sorted(tokenizers)}, {time.perf_counter() - started:.1f} s")
     return prepared, configs
@@ -115,7 +119,7 @@ def export(prepared: dict, configs: dict, train_configs: dict, out: Path) -> Non
     for key, d in prepared.items():
         ids_dtype = np.uint16 if d["matrix"].shape[0] <= 65536 else np.int32
         np.savez_compressed(out / f"{dataset_name(*key)}.npz", offsets=d["offsets"], ids=d["ids"].astype(ids_dtype),
-                            labels=d["labels"], is_test=d["is_test"], matrix=d["matrix"].astype(np.float16),
+                            labels=d["labels"], is_test=d["is_test"], order=d["order"], matrix=d["matrix"].astype(np.float16),
                             groups=np.array(d["groups"]))
     manifest = {"datasets": sorted(dataset_name(*key) for key in prepared), "configs": configs, "train_presets": train_configs,
                 "note": "ids uint16, matrix float16 (GloVe rounded to ~3 significant digits)"}
@@ -128,17 +132,18 @@ def load_exported(src: Path) -> tuple[dict, dict]:
     manifest = json.loads((src / "manifest.json").read_text())
     prepared = {}
     for name in manifest["datasets"]:
-        setting, words, truncation = name.split("-")
+        setting, words, truncation, *rest = name.split("-")
         with np.load(src / f"{name}.npz") as z:
-            prepared[(setting, int(words[1:]), truncation)] = {
+            prepared[(setting, int(words[1:]), truncation, rest == ["gc"])] = {
                 "offsets": z["offsets"], "ids": z["ids"].astype(np.int32), "labels": z["labels"], "is_test": z["is_test"],
+                "order": z["order"] if "order" in z else None,
                 "matrix": z["matrix"].astype(np.float32), "groups": [str(g) for g in z["groups"]],
             }
     return prepared, manifest
 
 
-def dataset_name(setting: str, num_words: int, truncation: str) -> str:
-    return f"{setting}-w{num_words}-{truncation}"
+def dataset_name(setting: str, num_words: int, truncation: str, split_contractions: bool = False) -> str:
+    return f"{setting}-w{num_words}-{truncation}" + ("-gc" if split_contractions else "")
 
 
 def sequences_of(d: dict) -> list[np.ndarray]:
@@ -147,8 +152,11 @@ def sequences_of(d: dict) -> list[np.ndarray]:
 
 
 # -- configs (pydantic when available, the exported dump otherwise) ------------------------------------
-def tokenizer_of(cfg: dict) -> tuple[int, str]:
-    return cfg["num_words"], cfg.get("truncation", "head")
+TOKENIZER_FIELDS = ("num_words", "truncation", "split_contractions")
+
+
+def tokenizer_of(cfg: dict) -> tuple[int, str, bool]:
+    return cfg["num_words"], cfg.get("truncation", "head"), bool(cfg.get("split_contractions", False))
 
 
 def train_configs(presets: list[str], epochs: int | None, exported: dict | None, overrides: list[str] = ()) -> dict:
@@ -162,10 +170,11 @@ def train_configs(presets: list[str], epochs: int | None, exported: dict | None,
         resolved = {}
         for p in presets:
             cfg = with_preset(PipelineConfig(), p)
-            resolved[p] = {**cfg.train.model_dump(), "num_words": cfg.tokenize.num_words, "truncation": cfg.tokenize.truncation}
+            resolved[p] = {**cfg.train.model_dump(), **{f: getattr(cfg.tokenize, f) for f in TOKENIZER_FIELDS}}
     changes = {"epochs": epochs} if epochs else {}
     for item in overrides:
         field, _, value = item.partition("=")
+        field = field.removeprefix("train.").removeprefix("tokenize.")
         if field not in next(iter(resolved.values()), {}):
             raise SystemExit(f"--set {item}: unknown training field {field!r}")
         changes[field] = json.loads(value)
@@ -210,6 +219,7 @@ def baselines(d: dict, sequences: list[np.ndarray]) -> dict:
 
 # -- the models -------------------------------------------------------------------------------------------
 def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> dict:
+    """Train one preset on the training split (its validation slice per cfg["validation"]), score it on the test split."""
     from storage.checkpoints import CheckpointDir
     from tasks.model import fit_classifier, predict_proba
 
@@ -221,6 +231,7 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
         classifier, history, summary = fit_classifier(
             SimpleNamespace(**cfg), [sequences[i] for i in train_rows], labels[train_rows], d["matrix"], len(d["groups"]),
             RECIPE["max_length"], CheckpointDir(work), _Printer(),
+            order=None if d.get("order") is None else d["order"][train_rows],
         )
         train_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -241,9 +252,12 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
         epochs_run=summary["epochs_run"], best_epoch=summary["best_epoch"], stopped_early=summary["stopped_early"],
         seconds_per_epoch=epochs, median_seconds_per_epoch=round(statistics.median(epochs), 2) if epochs else None,
         expert_weights=summary["expert_weights"], backend=summary["backend"], device=summary["device_name"],
+        best_val_accuracy=round(summary["best_val_accuracy"], 4), validation=summary.get("validation"),
+        expert_val_accuracy=history[summary["best_epoch"] - 1]["expert_val_accuracy"] if history else None,
         train_documents=summary["train_documents"], validation_documents=summary["validation_documents"],
     )
-    log(f"  {name}: accuracy {result['accuracy']}, macro-F1 {result['macro_f1']}, "
+    log(f"  {name}: validation accuracy {result['best_val_accuracy']} (experts {result['expert_val_accuracy']}); "
+        f"test accuracy {result['accuracy']}, macro-F1 {result['macro_f1']}, "
         f"{result['median_seconds_per_epoch']} s/epoch (median of {len(epochs)}), {result['train_seconds']} s training"
         + (f"; experts alone {result['expert_accuracy']}" if "expert_accuracy" in result else ""))
     return result
@@ -349,8 +363,8 @@ def main() -> int:
         tokenizers = {tokenizer_of(c) for c in configs.values()}
         if args.export_dir:  # export every preset's tokens, so the GPU run can pick any
             tokenizers |= {tokenizer_of(c) for c in train_configs(["default", "seed"], None, None).values()}
-        if not any(words == RECIPE["num_words"] for words, _ in tokenizers):
-            tokenizers.add((RECIPE["num_words"], "tail"))
+        if not any(words == RECIPE["num_words"] for words, _, _ in tokenizers):
+            tokenizers.add((RECIPE["num_words"], "tail", False))
         prepared, data_configs = prepare(args.data, settings, tokenizers)
         if args.export_dir:
             export(prepared, data_configs, train_configs(["default", "seed"], None, None), args.export_dir)
@@ -376,7 +390,7 @@ def main() -> int:
         for preset in presets:
             cfg = configs[preset]
             d = prepared[(setting, *tokenizer_of(cfg))]
-            train_cfg = {k: v for k, v in cfg.items() if k not in ("num_words", "truncation")}
+            train_cfg = {k: v for k, v in cfg.items() if k not in TOKENIZER_FIELDS}
             entry[preset] = train_preset(preset, train_cfg, d, sequences_of(d))
             if timer:
                 timer.sample(chunk)

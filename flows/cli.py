@@ -3,7 +3,7 @@
 Exit codes scripts can rely on: 0 ok, 1 the pipeline (or a prediction) failed, 2 usage or
 configuration error. Errors print one line; --debug adds the traceback and Prefect's logs.
 The command line maps onto tasks.config.PipelineConfig; it does not repeat it:
-`train.epochs=3` sets PipelineConfig.train.epochs.
+`train.epochs=3` sets PipelineConfig.train.epochs. `sweep` trains a grid of such configs x seeds.
 """
 
 from __future__ import annotations
@@ -36,6 +36,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
     print(json.dumps(summary, indent=2, default=str) if args.json else render.summary(summary))
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from storage.files import read_config_file
+    from tasks.config import build_config
+    from tasks.sweep import flatten_grid, grid_points, parse_grid_item, point_label, point_overrides
+
+    layers = [read_config_file(path) for path in args.config]
+    grid: dict = {}
+    for item in args.grid:  # KEY=V1,V2 or a TOML/JSON file of them
+        grid.update(parse_grid_item(item) if "=" in item else flatten_grid(read_config_file(item), where=item))
+    configs = {point_label(point): build_config(layers, [*args.overrides, *point_overrides(point)],
+                                                point.get("preset", args.preset), args.data_home)
+               for point in grid_points(grid)}
+    first = next(iter(configs.values())).train.seed
+    from flows.sweep import sweep
+
+    summary = sweep(configs, [first + i for i in range(args.seeds)], grid, args.train_deployment, args.parallel)
+    print(json.dumps(summary, indent=2, default=str) if args.json else render.sweep(summary))
     return EXIT_OK
 
 
@@ -161,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(data)
     data.set_defaults(func=cmd_run, until="data", train_deployment=None)
 
+    sweep = sub.add_parser("sweep", parents=[common], help="train a grid of configs x seeds; one table of mean and std",
+                           description="Train every config of --grid (their Cartesian product, on top of the base "
+                                       "config built as for `run`) once per seed, then compare them: mean and standard "
+                                       "deviation over seeds of test accuracy and macro-F1, validation accuracy, each "
+                                       "expert alone, seconds per epoch. Runs already in the data home are Cached.")
+    add_run_options(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2|FILE",
+                       help="values to try: train.lstm_units=64,96 (repeatable), `preset=default,seed`, or a TOML/JSON "
+                            "file of lists ([train] lstm_units = [64, 96]; corpus.strip = [[], [\"headers\"]])")
+    sweep.add_argument("--seeds", type=_positive, default=1, metavar="N",
+                       help="runs per config, with train.seed, train.seed+1, ... (default 1)")
+    sweep.add_argument("--train-deployment", metavar="FLOW/DEPLOYMENT", help="train each run through this deployment")
+    sweep.add_argument("--parallel", type=_positive, metavar="N",
+                       help="runs at once (default: 1 in this process, all with --train-deployment)")
+    sweep.set_defaults(func=cmd_sweep)
+
     inspect = sub.add_parser("inspect", parents=[common], help="list artifacts, or show one (manifest, Parquet schema, first rows)",
                              description="Without TARGET: list every artifact. TARGET: STEP (list that step), "
                                          "STEP/KEY (a unique key prefix is enough) or a path to an artifact "
@@ -183,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(predict)
     predict.set_defaults(func=cmd_predict)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def _quiet_defaults(verbose: bool) -> None:

@@ -15,19 +15,18 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from storage.artifacts import ArtifactRef
 from storage.home import data_home
 from tasks.config import PipelineConfig, with_source_env
 from tasks.corpus import corpus
 from tasks.download import download
 from tasks.embeddings import embeddings
-from tasks.evaluate import evaluate
 from tasks.glove import glove
 from tasks.tokens import tokens
-from tasks.train import train
 
 from flows.results import publish_results
 from flows.steps import StepRunner, say
-from flows.train import train_on_deployment
+from flows.train import train_then_evaluate
 
 FLOW_NAME = "newsgroups-pipeline"
 Stage = Literal["data", "tokens", "embeddings", "train", "evaluate"]
@@ -45,18 +44,19 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
     run = StepRunner(data_home(config.data_home), until)
     say(f"data home: {run.home}")
 
+    token_ids, matrix = prepare_inputs(run, config)
+    evaluation = train_then_evaluate(run, train_deployment, config.train, config.evaluate, token_ids, matrix)
+
+    publish_results(run.store, evaluation)
+    return run.summary(started)
+
+
+def prepare_inputs(run: StepRunner, config: PipelineConfig) -> tuple[ArtifactRef | None, ArtifactRef | None]:
+    """The data steps: (tokens, embedding matrix) for training, None past `until`."""
     # Both downloads at once; each archive is processed as soon as it is there, GloVe beside the corpus.
     glove_zip = run.submit(download, config.sources.glove, name="download-glove")
     corpus_archive = run.submit(download, config.sources.corpus_file, name="download-corpus")
     documents = run.submit(corpus, config.corpus, corpus_archive)
     vectors = run.submit(glove, config.glove, glove_zip)
     token_ids = run(tokens, config.tokenize, documents)
-    matrix = run(embeddings, config.embeddings, token_ids, vectors)
-    if train_deployment:
-        evaluation = train_on_deployment(run, train_deployment, config.train, config.evaluate, token_ids, matrix)
-    else:
-        model = run(train, config.train, token_ids, matrix)
-        evaluation = run(evaluate, config.evaluate, model, token_ids)
-
-    publish_results(run.store, evaluation)
-    return run.summary(started)
+    return token_ids, run(embeddings, config.embeddings, token_ids, vectors)

@@ -84,3 +84,25 @@ def predictions(results: list[dict]) -> str:
         top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
         lines.append(f"{r['label']}\t{top}\t{snippet}")
     return "\n".join(lines)
+
+
+def _spread(row: dict, measure: str) -> str | None:
+    mean, std = row.get(f"{measure}_mean"), row.get(f"{measure}_std")
+    if mean is None:
+        return None
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def sweep(result: dict) -> str:
+    """The sweep's comparison table (mean ± sample standard deviation over seeds), then how its steps ended."""
+    rows = [[r["config"], r["runs"], *(_spread(r, m) for m in ("accuracy", "macro_f1", "val_accuracy", "lstm_accuracy")),
+             None if r.get("seconds_per_epoch") is None else f"{r['seconds_per_epoch']:.1f}"] for r in result["table"]]
+    out = [table(rows, ["config", "seeds", "accuracy", "macro-F1", "val. accuracy", "LSTM alone", "s/epoch"])]
+    states = [s["state"] for run in result["runs"] for s in run["steps"].values()]
+    data = [state for steps in result["data_steps"] for state in steps.values()]
+    out.append(f"\n{len(result['runs'])} runs (seeds {', '.join(map(str, result['seeds']))}): "
+               f"{states.count('Cached')}/{len(states)} train/evaluate steps Cached, "
+               f"{data.count('Cached')}/{len(data)} data steps Cached, table {result['state']}"
+               f"   total: {result['seconds']:.1f} s")
+    out.append(f"table: {result['artifact']['uri']}/table.parquet (per run: runs.parquet)")
+    return "\n".join(out)

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from tasks.evaluate import PER_CLASS, markdown_report
+from tasks.sweep import TABLE
 
 
 def publish_results(store: ArtifactStore, evaluation: ArtifactRef | None) -> None:
@@ -24,3 +25,11 @@ def publish_results(store: ArtifactStore, evaluation: ArtifactRef | None) -> Non
     create_table_artifact(rows, key="evaluation-per-class", description=f"per-class metrics of run {headline['run']}")
     report = markdown_report(metrics, names, headline["run"]) + f"\nConfusion matrix: `{evaluation.uri}/confusion.png`\n"
     create_markdown_artifact(report, key="evaluation-summary", description=f"accuracy and macro-F1 of run {headline['run']}")
+
+
+def publish_sweep(store: ArtifactStore, table: ArtifactRef) -> None:
+    """The sweep's comparison table (one row per config: mean and standard deviation over seeds)."""
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            for row in store.read_parquet(table, "table.parquet", TABLE).to_pylist()]
+    create_table_artifact(rows, key="sweep-table", description=f"sweep {table.key}: test accuracy and macro-F1 per config, "
+                                                               "mean and standard deviation over seeds")

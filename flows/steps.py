@@ -19,8 +19,8 @@ from tasks.step import step_logger
 
 STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # --until: stop after this stage
 STAGE_OF_STEP = {"download": "data", "corpus": "data", "glove": "data", "tokens": "tokens", "embeddings": "embeddings",
-                 "train": "train", "evaluate": "evaluate"}
-STEP_ORDER = ("download-glove", "download-corpus", "corpus", "glove", "tokens", "embeddings", "train", "evaluate")
+                 "train": "train", "evaluate": "evaluate", "sweep": "evaluate"}
+STEP_ORDER = ("download-glove", "download-corpus", "corpus", "glove", "tokens", "embeddings", "train", "evaluate", "sweep")
 
 
 def say(message: str) -> None:

@@ -38,10 +38,17 @@ def train_and_evaluate(
     """Return the run's summary: {"artifacts": {"train": ref, "evaluate": ref}, "metrics": {...}, ...} (JSON-able)."""
     started = time.perf_counter()
     run = StepRunner(data_home, until)
-    model = run(train_step.train, train, tokens, embeddings)
-    evaluation = run(evaluate_step.evaluate, evaluate, model, tokens)
-    publish_results(run.store, evaluation)
+    publish_results(run.store, train_then_evaluate(run, None, train, evaluate, tokens, embeddings))
     return run.summary(started)
+
+
+def train_then_evaluate(run: StepRunner, deployment: str | None, train: TrainConfig, evaluate: EvaluateConfig,
+                        tokens: ArtifactRef | None, embeddings: ArtifactRef | None) -> ArtifactRef | None:
+    """The train and evaluate steps, in this process or through `deployment`; the evaluation ref."""
+    if deployment:
+        return train_on_deployment(run, deployment, train, evaluate, tokens, embeddings)
+    model = run(train_step.train, train, tokens, embeddings)
+    return run(evaluate_step.evaluate, evaluate, model, tokens)
 
 
 def train_on_deployment(run: StepRunner, deployment: str, train: TrainConfig, evaluate: EvaluateConfig,

@@ -81,6 +81,7 @@ class TokenizeConfig(_Frozen):
     filters: str = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
     max_length: int = Field(1000, ge=1)
     truncation: Literal["head", "tail", "both"] = "head"
+    split_contractions: bool = False  # "don't" -> "do n't" as GloVe's tokenizer; False = Keras's Tokenizer exactly
 
 
 class EmbeddingsConfig(_Frozen):
@@ -109,6 +110,8 @@ class TrainConfig(_Frozen):
     learning_rate: float = Field(3e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # slice of the TRAIN split for early stopping
+    # which slice: "latest" = each group's latest posts (highest article numbers), like 20news-bydate's test split
+    validation: Literal["latest", "random"] = "latest"
     patience: int = Field(5, ge=0)  # epochs tolerated without a lower validation loss (of the product of experts)
     seed: int = 1337
 
@@ -124,8 +127,10 @@ TRAIN_PRESETS: dict[str, dict] = {
     ),
 }
 TOKENIZE_PRESETS: dict[str, dict] = {
-    "default": {name: TokenizeConfig.model_fields[name].default for name in ("num_words", "max_length", "truncation")},
-    "seed": dict(num_words=20_000, max_length=1000, truncation="tail"),  # pad_sequences' default keeps the end
+    "default": {name: TokenizeConfig.model_fields[name].default
+                for name in ("num_words", "max_length", "truncation", "split_contractions")},
+    # pad_sequences' default keeps the end; Keras's Tokenizer keeps contractions whole
+    "seed": dict(num_words=20_000, max_length=1000, truncation="tail", split_contractions=False),
 }
 
 

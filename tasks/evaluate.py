@@ -161,7 +161,7 @@ def markdown_report(metrics: dict, names: Sequence[str], run_key: str) -> str:
 
 
 # -- step -------------------------------------------------------------------------------------------
-STEP = Step("evaluate", version=1)
+STEP = Step("evaluate", version=2)  # 2: each expert's accuracy in metrics.json
 
 
 def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef, tokens: ArtifactRef, out: Staging) -> dict:
@@ -173,11 +173,15 @@ def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef
     if test.num_rows == 0:
         raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'test' to evaluate on")
     names = store.read_json(run, "labels.json")
-    max_length = int((store.read_manifest(run) or {}).get("max_length") or 0) or None
+    manifest = store.read_manifest(run) or {}
+    max_length = int(manifest.get("max_length") or 0) or None
     model = load_model(store.local_file(run, "model.keras"))
     sequences = split_sequences(test)
-    probabilities = predict_proba(model, sequences, max_length or max(len(s) for s in sequences) or 1, cfg.batch_size)
+    max_length = max_length or max(len(s) for s in sequences) or 1
+    probabilities = predict_proba(model, sequences, max_length, cfg.batch_size)
     y_true = test["label"].to_numpy(zero_copy_only=False).astype(np.int64)
+    experts = expert_accuracy(model, (manifest.get("training") or {}).get("experts"), sequences, y_true, max_length,
+                              cfg.batch_size)
     y_pred = probabilities.argmax(axis=1)
     confusion = confusion_matrix(y_true, y_pred, len(names))
     metrics = classification_metrics(confusion)
@@ -187,11 +191,23 @@ def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef
     plot_confusion(confusion, names, out.path("confusion.png"), title=f"run {run.key}: accuracy {metrics['accuracy']:.3f}")
     out.write_parquet("predictions.parquet", predictions_table(test["doc_id"], y_true, probabilities), PREDICTIONS)
     headline = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "documents": metrics["documents"],
-                "classes": len(names), "run": run.key}
+                "classes": len(names), "run": run.key, **experts}
     out.write_json("metrics.json", headline)
     step_logger().info("evaluation of run %s: accuracy %.4f, macro-F1 %.4f on %d test documents",
                        run.key, metrics["accuracy"], metrics["macro_f1"], metrics["documents"])
     return {"rows": metrics["documents"], "metrics": headline}
+
+
+def expert_accuracy(model, experts: list[str] | None, sequences, y_true: np.ndarray, max_length: int,
+                    batch_size: int) -> dict:
+    """{"experts": names, "expert_accuracy": test accuracy of each expert alone} for a product of several experts
+    (what each contributes: the product should beat the best of them); {} for a single expert or an older run."""
+    from tasks.model import expert_probabilities
+
+    if not experts or len(experts) < 2:
+        return {}
+    probs = expert_probabilities(model, sequences, max_length, batch_size)
+    return {"experts": experts, "expert_accuracy": [float((probs[:, e].argmax(1) == y_true).mean()) for e in range(len(experts))]}
 
 
 def predictions_table(doc_ids: pa.ChunkedArray, y_true: np.ndarray, probabilities: np.ndarray) -> pa.Table:

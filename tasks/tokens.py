@@ -48,6 +48,8 @@ OOV_RULE = "drop"
 TRUNCATIONS = ("head", "tail", "both")
 BATCH_ROWS = 4096  # documents per record batch; results do not depend on it
 _PYTHON_LOWER = r"[^\x{0}-\x{FF}]"  # documents needing str.lower (see module docstring)
+# A letter, then n't or 's 'm 'd 'll 've 're ending a word (the Penn Treebank split): "can't" -> "ca n't".
+_CONTRACTION = r"([A-Za-z])([Nn]'[Tt]|'(?:[SsMmDd]|[Ll][Ll]|[Vv][Ee]|[Rr][Ee]))\b"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Rules:
     split: str = SPLIT
     max_length: int | None = None  # None: no truncation
     truncation: str = "head"
+    split_contractions: bool = False  # "don't" -> "do n't", "it's" -> "it 's": the words GloVe has vectors for
 
     def __post_init__(self):
         if self.split != SPLIT:
@@ -72,12 +75,12 @@ def rules_of(rules: Rules | TokenizeConfig | Mapping[str, Any]) -> Rules:
     if isinstance(rules, Rules):
         return rules
     if isinstance(rules, TokenizeConfig):
-        return Rules(rules.lower, rules.filters, SPLIT, rules.max_length, rules.truncation)
+        return Rules(rules.lower, rules.filters, SPLIT, rules.max_length, rules.truncation, rules.split_contractions)
     if rules.get("oov", OOV_RULE) != OOV_RULE:
         raise InputFormatError(f"tokenizer rules: unsupported oov rule {rules.get('oov')!r} (this code implements {OOV_RULE!r})")
     return Rules(
         bool(rules.get("lower", True)), str(rules["filters"]), str(rules.get("split", SPLIT)),
-        rules.get("max_length"), str(rules.get("truncation", "head")),
+        rules.get("max_length"), str(rules.get("truncation", "head")), bool(rules.get("split_contractions", False)),
     )
 
 
@@ -105,8 +108,11 @@ def lowercase(texts: pa.StringArray) -> pa.StringArray:
 
 
 def split_words(texts: Any, rules: Rules) -> pa.ListArray:
-    """list<string> of words per text (no empty words), like Keras's text_to_word_sequence."""
+    """list<string> of words per text (no empty words), like Keras's text_to_word_sequence; with
+    rules.split_contractions, English contractions are split first as GloVe's tokenizer split them."""
     texts = _as_string_array(texts)
+    if rules.split_contractions:
+        texts = pc.replace_substring_regex(texts, _CONTRACTION, r"\1 \2")
     byte_map = np.arange(256, dtype=np.uint8)  # applied to every byte of the UTF-8 text
     if rules.lower:
         non_ascii = pc.invert(pc.string_is_ascii(texts))
@@ -255,6 +261,7 @@ def tokenizer_rules(cfg: TokenizeConfig, vocab_size: int, distinct_words: int) -
         "oov_rule": "words not in the vocabulary are dropped from the sequence; no OOV id",
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,
+        "split_contractions": cfg.split_contractions,
         "truncation_rule": "applied at tokenize time; names the part kept: head=first, tail=last, both=first ceil(L/2)+last floor(L/2)",
         "length": "number of in-vocabulary ids before truncation",
     }

@@ -27,6 +27,8 @@ _EXPORTS = {
     "build_model": "model",
     "check_inputs": "model",
     "compile_model": "model",
+    "expert_names": "model",
+    "expert_probabilities": "model",
     "load_model": "model",
     "predict_proba": "model",
     "BagOfWordsScores": "layers",

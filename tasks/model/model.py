@@ -126,6 +126,18 @@ def load_model(path: str | os.PathLike) -> keras.Model:
     return keras.saving.load_model(path, compile=False)
 
 
+def expert_names(cfg: TrainConfig) -> list[str]:
+    """The experts build_model stacks, in order."""
+    return ["lstm"] + ["swem"] * bool(cfg.swem_expert) + ["bow"] * bool(cfg.bow_expert)
+
+
+def expert_probabilities(classifier: keras.Model, sequences: Sequence[np.ndarray], max_length: int,
+                         batch_size: int = 256) -> np.ndarray:
+    """Each expert's class probabilities (documents, experts, classes) from a classifier build_model made."""
+    experts = keras.Model(classifier.inputs, classifier.get_layer("experts").output)
+    return predict_proba(experts, sequences, max_length, batch_size)
+
+
 def predict_proba(model: keras.Model, sequences: Sequence[np.ndarray], max_length: int, batch_size: int = 256) -> np.ndarray:
     """Class probabilities in the order of `sequences` (batched by length, then put back in order)."""
     # Widths rounded to 32: padding does not change a prediction, and fewer shapes mean fewer retraces.

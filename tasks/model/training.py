@@ -27,7 +27,7 @@ from tasks.model.batches import BucketedBatches, length_multiple
 from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged
 from tasks.model.expert_product import fit_expert_weights, product_probabilities
 from tasks.model.layers import PACKAGE, inverse_document_frequency
-from tasks.model.model import build_model, check_inputs, compile_model, predict_proba
+from tasks.model.model import build_model, check_inputs, compile_model, expert_names, predict_proba
 
 if TYPE_CHECKING:  # any object with TrainConfig's attributes works (the GPU benchmark runs without pydantic)
     from tasks.config import TrainConfig
@@ -199,12 +199,21 @@ def restore_checkpoint(model: keras.Model, checkpoints, log) -> dict:
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
-def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (train, validation) index arrays; every class keeps at least one training row."""
+def validation_split(labels: np.ndarray, fraction: float, seed: int, mode: str = "random",
+                     order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) index arrays; every class keeps at least one training row.
+
+    mode "random": a seeded random `fraction` of each class. mode "latest": each class's latest
+    documents, the highest `order` values (ties: the later row), or its last rows when `order` is None.
+    A test split made of later posts (20news-bydate) is better mimicked by the latest training posts
+    than by a random slice, which shares threads and authors with the rows it validates.
+    """
     rng = np.random.default_rng(seed)
+    keys = np.arange(len(labels)) if order is None else np.asarray(order)
     train, val = [], []
     for label in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == label))
+        rows = np.flatnonzero(labels == label)
+        rows = rng.permutation(rows) if mode == "random" else rows[np.lexsort((rows, keys[rows]))[::-1]]
         k = min(round(len(rows) * fraction), len(rows) - 1)
         val.append(rows[:k])
         train.append(rows[k:])
@@ -253,9 +262,11 @@ def fit_classifier(
     max_length: int,
     checkpoints,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    order: np.ndarray | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
     """Train on `sequences` (a validation slice of them drives early stopping); resume from `checkpoints`
-    (a storage.checkpoints.CheckpointDir: this package never touches files itself).
+    (a storage.checkpoints.CheckpointDir: this package never touches files itself). `order`: when each
+    document was posted (any increasing key), for cfg.validation "latest"; None = the order of `sequences`.
 
     Returns (classifier with the best validation weights, per-epoch history, summary).
     Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
@@ -265,7 +276,7 @@ def fit_classifier(
     check_inputs(matrix, sequences, labels, n_classes)
     keras.utils.set_random_seed(cfg.seed)
 
-    fit_rows, val_rows = validation_split(labels, cfg.validation_fraction, cfg.seed)
+    fit_rows, val_rows = validation_split(labels, cfg.validation_fraction, cfg.seed, getattr(cfg, "validation", "random"), order)
     fit_sequences = [sequences[i] for i in fit_rows]
     training_model, classifier = build_model(cfg, matrix, n_classes, inverse_document_frequency(fit_sequences, len(matrix)))
     experts = training_model.output_shape[1]
@@ -301,6 +312,8 @@ def fit_classifier(
         "resumed_from_epoch": initial_epoch,
         "train_documents": len(fit_rows),
         "validation_documents": len(val_rows),
+        "validation": getattr(cfg, "validation", "random"),
+        "experts": expert_names(cfg),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
