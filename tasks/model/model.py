@@ -11,6 +11,7 @@ import numpy as np
 from keras import layers
 
 from tasks.model.batches import BucketedBatches, length_multiple
+from tasks.model.device_batches import batches_for
 from tasks.model.errors import ModelInputError
 from tasks.model.layers import (
     BagOfWordsScores,
@@ -140,8 +141,17 @@ def expert_probabilities(classifier: keras.Model, sequences: Sequence[np.ndarray
 
 def predict_proba(model: keras.Model, sequences: Sequence[np.ndarray], max_length: int, batch_size: int = 256) -> np.ndarray:
     """Class probabilities in the order of `sequences` (batched by length, then put back in order)."""
+    return predict_batches(model, prediction_batches(sequences, max_length, batch_size))
+
+
+def prediction_batches(sequences: Sequence[np.ndarray], max_length: int, batch_size: int = 256) -> BucketedBatches:
+    """Batches sorted by length, on the device where the backend allows (tasks.model.device_batches)."""
     # Widths rounded to 32: padding does not change a prediction, and fewer shapes mean fewer retraces.
-    data = BucketedBatches(sequences, batch_size=batch_size, max_length=max_length, multiple=max(32, length_multiple()))
+    return batches_for(sequences, batch_size=batch_size, max_length=max_length, multiple=max(32, length_multiple()))
+
+
+def predict_batches(model: keras.Model, data: BucketedBatches) -> np.ndarray:
+    """Class probabilities of every row of `data`, in the order of its sequences."""
     if len(data) == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
     probs = np.concatenate([np.asarray(model.predict_on_batch(data[i])) for i in range(len(data))])

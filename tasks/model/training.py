@@ -4,7 +4,7 @@ The callbacks, in the order Keras calls them:
   reshuffle               keras LambdaCallback: the epoch's length buckets, a function of (seed, epoch)
   EmbeddingWarmup         opens the GloVe gate after `unfreeze_embeddings_after` epochs
   ExpertWeightsFit        fits the expert weights on the validation slice; adds val_* to the epoch's logs
-  DivergenceGuard         keras TerminateOnNaN: a NaN/inf loss (or validation loss) raises TrainingDiverged
+  DivergenceGuard         a NaN/inf loss or validation loss of the epoch raises TrainingDiverged
   ResumableEarlyStopping  keras EarlyStopping on the product's val_loss, carried across a resume
   EpochCheckpoint         the epoch's history row; ckpt-<epoch>/ with the training state and the best weights
 Validation runs in ExpertWeightsFit, not through fit's validation_data: it needs each expert's
@@ -24,10 +24,11 @@ import numpy as np
 from keras import ops
 
 from tasks.model.batches import BucketedBatches, length_multiple
+from tasks.model.device_batches import batches_for
 from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged
 from tasks.model.expert_product import fit_expert_weights, product_probabilities
 from tasks.model.layers import PACKAGE, inverse_document_frequency
-from tasks.model.model import build_model, check_inputs, compile_model, expert_names, predict_proba
+from tasks.model.model import build_model, check_inputs, compile_model, expert_names, predict_batches, prediction_batches
 
 if TYPE_CHECKING:  # any object with TrainConfig's attributes works (the GPU benchmark runs without pydantic)
     from tasks.config import TrainConfig
@@ -61,18 +62,20 @@ class ExpertWeightsFit(keras.callbacks.Callback):
 
     Sets them in the classifier and adds to the epoch's logs, for the callbacks after this one:
     val_loss and val_accuracy (of the product of experts), expert_weights, expert_val_accuracy.
+    The validation batches are built once (tasks.model.prediction_batches: on the device where it can).
     """
 
-    def __init__(self, classifier: keras.Model, sequences: list, labels: np.ndarray, max_length: int):
+    def __init__(self, classifier: keras.Model, batches: BucketedBatches, labels: np.ndarray):
         super().__init__()
-        self.classifier, self.sequences, self.labels, self.max_length = classifier, sequences, labels, max_length
+        self.classifier, self.batches, self.labels = classifier, batches, labels
 
     def on_epoch_end(self, epoch, logs=None):
-        expert_probs = predict_proba(self.model, self.sequences, self.max_length)
+        expert_probs = predict_batches(self.model, self.batches)
+        if not np.all(np.isfinite(expert_probs)):  # diverged: DivergenceGuard stops the training
+            logs.update(val_loss=math.nan, val_accuracy=math.nan, expert_weights=[], expert_val_accuracy=[])
+            return
         weights, val_loss = fit_expert_weights(expert_probs, self.labels)
-        if not np.all(np.isfinite(expert_probs)):
-            val_loss = math.nan  # for DivergenceGuard
-        elif len(weights) > 1:
+        if len(weights) > 1:
             self.classifier.get_layer("expert_product").expert_weights.assign(weights)
 
         def accuracy(probs):
@@ -86,35 +89,26 @@ class ExpertWeightsFit(keras.callbacks.Callback):
         )
 
 
-class DivergenceGuard(keras.callbacks.TerminateOnNaN):
-    """Keras' TerminateOnNaN check after every batch, raising TrainingDiverged with what to do about it;
-    and after every epoch, the same for the validation loss (non-finite predictions).
+class DivergenceGuard(keras.callbacks.Callback):
+    """After every epoch: a NaN/inf training loss (the epoch's mean: one bad batch makes it NaN) or validation
+    loss (non-finite predictions) raises TrainingDiverged with what to do about it.
 
-    It runs before EpochCheckpoint, so a diverged epoch leaves no checkpoint and no best weights.
+    Only per epoch, like the validation: a per-batch check (keras' TerminateOnNaN) would make every step wait
+    for the device to hand its loss to the host. It runs before EpochCheckpoint, so a diverged epoch leaves no
+    checkpoint and no best weights.
     """
 
     def __init__(self, learning_rate: float, checkpoints):
-        super().__init__(raise_error=True)
-        self.learning_rate, self.checkpoints, self.epoch = learning_rate, checkpoints, 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_batch_end(self, batch, logs=None):
-        try:
-            super().on_batch_end(batch, logs)
-        except RuntimeError as exc:
-            raise TrainingDiverged(
-                f"training loss became {float(logs['loss'])} at epoch {self.epoch + 1}, batch {batch + 1}: "
-                f"lower learning_rate (now {self.learning_rate}) or check the embedding matrix for NaN/inf; "
-                f"the last good checkpoint stays in {self.checkpoints}"
-            ) from exc
+        super().__init__()
+        self.learning_rate, self.checkpoints = learning_rate, checkpoints
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if not (_finite(logs.get("loss")) and _finite(logs.get("val_loss"))):
-            raise TrainingDiverged(f"epoch {epoch + 1} ended with loss {logs.get('loss')} or non-finite predictions; "
-                                   f"the last good checkpoint stays in {self.checkpoints}")
+            raise TrainingDiverged(
+                f"epoch {epoch + 1} ended with training loss {logs.get('loss')}, validation loss {logs.get('val_loss')}: "
+                f"lower learning_rate (now {self.learning_rate}) or check the embedding matrix for NaN/inf; "
+                f"the last good checkpoint stays in {self.checkpoints}")
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -280,8 +274,8 @@ def fit_classifier(
     fit_sequences = [sequences[i] for i in fit_rows]
     training_model, classifier = build_model(cfg, matrix, n_classes, inverse_document_frequency(fit_sequences, len(matrix)))
     experts = training_model.output_shape[1]
-    train_data = BucketedBatches(fit_sequences, labels[fit_rows], batch_size=cfg.batch_size, max_length=max_length,
-                                 seed=cfg.seed, multiple=length_multiple(), targets=experts)
+    train_data = batches_for(fit_sequences, labels[fit_rows], batch_size=cfg.batch_size, max_length=max_length,
+                             seed=cfg.seed, multiple=length_multiple(), targets=experts)
     compile_model(training_model, cfg, len(train_data))
     progress = restore_checkpoint(training_model, checkpoints, log)
     history, initial_epoch = list(progress.get("history", [])), progress.get("epoch", 0)
@@ -295,7 +289,7 @@ def fit_classifier(
     callbacks = [
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: train_data.set_epoch(epoch)),
         EmbeddingWarmup(cfg.unfreeze_embeddings_after),
-        ExpertWeightsFit(classifier, [sequences[i] for i in val_rows], labels[val_rows], max_length),
+        ExpertWeightsFit(classifier, prediction_batches([sequences[i] for i in val_rows], max_length), labels[val_rows]),
         DivergenceGuard(cfg.learning_rate, checkpoints),
         early_stopping,
         EpochCheckpoint(cfg, checkpoints, classifier, history, early_stopping, log),

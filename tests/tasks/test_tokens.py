@@ -79,6 +79,15 @@ def test_vocabulary_and_ids_match_keras_tokenizer(keras_text):
     assert dict(zip(full["token"].to_pylist(), full["count"].to_pylist())) == dict(keras.word_counts)
 
 
+def test_split_contractions_splits_them_as_glove_does_and_keeps_everything_else():
+    text = "Don't worry: it's what I've got, can't WON'T... o'clock God's 'quoted' rock'n'roll they'd we'll you're"
+    split = tok.split_words([text], tok.Rules(split_contractions=True)).to_pylist()[0]
+    assert split == ["do", "n't", "worry", "it", "'s", "what", "i", "'ve", "got", "ca", "n't", "wo", "n't", "o'clock",
+                     "god", "'s", "'quoted'", "rock'n'roll", "they", "'d", "we", "'ll", "you", "'re"]
+    kept = tok.split_words([text], tok.Rules()).to_pylist()[0]
+    assert kept[:2] == ["don't", "worry"] and len(kept) == 15  # Keras parity: apostrophes stay inside words
+
+
 def test_non_ascii_lowercase_follows_python_str_lower():
     texts = ["ΣΑΣ ΟΔΟΣ", "İ", "ABC Ünïcödé"]
     assert tok.split_words(texts, tok.Rules()).to_pylist() == [t.lower().split() for t in texts]
@@ -123,10 +132,11 @@ def test_no_training_words_is_an_input_error(home):
 
 def test_tokenizer_json_and_texts_to_ids_reproduce_stored_sequences(home, monkeypatch):
     rows = [("train" if i % 4 else "test", f"{TRICKY[i % len(TRICKY)]} word{i % 7} extra{i}") for i in range(40)]
-    cfg = TokenizeConfig(num_words=12, max_length=5, truncation="both")
+    cfg = TokenizeConfig(num_words=12, max_length=5, truncation="both", split_contractions=True)
     ref = tok.tokens.fn(cfg, publish_corpus(home, rows), data_home=home)
     vocab, sequences = read(ref, home)
     rules = json.loads((Path(ref.uri) / "tokenizer.json").read_text())
+    assert rules["split_contractions"] is True and "n't" in vocab["token"].to_pylist()
     raw = [t for _, t in rows]
     assert tok.texts_to_ids(raw, vocab, rules).to_pylist() == sequences["ids"].to_pylist()
     as_dict = dict(zip(vocab["token"].to_pylist(), vocab["id"].to_pylist()))

@@ -54,6 +54,7 @@ def test_run_holds_everything_needed_to_classify_and_learns(trained):
 
     manifest = store.read_manifest(ref)
     assert manifest["backend"] == "tensorflow" and manifest["device"] == "cpu"
+    assert manifest["training"]["validation"] == "latest" and manifest["training"]["experts"] == ["lstm", "bow"]
     assert manifest["training"]["epochs_run"] == 2 and manifest["training"]["resumed_from_epoch"] == 0
     assert manifest["upstream"] == [{"step": t.step, "key": t.key, "uri": t.uri} for t in (tokens, embeddings)]
     assert not (Path(home) / "train" / f".work-{ref.key}").exists(), "checkpoints are discarded once published"
@@ -246,6 +247,48 @@ def test_bucketing_pads_each_batch_only_to_its_longest_document():
         width = rounded[i][0]["ids"].shape[1]
         longest = max(1, min(200, max(len(sequences[r]) for r in rounded.batches[i])))
         assert longest <= width < longest + 32 and (width % 32 == 0 or width == 200)
+
+
+def test_device_batches_serve_the_same_batches_from_tensors_uploaded_once():
+    """DeviceBatches (used under torch and jax) give BucketedBatches' batches, epoch after epoch; here on the CPU."""
+    from keras import ops
+
+    from tasks.model import BucketedBatches
+    from tasks.model.device_batches import DeviceBatches
+
+    rng = np.random.default_rng(1)
+    sequences = [np.arange(1, n + 1, dtype=np.int32) for n in rng.integers(0, 90, size=150)]
+    labels = rng.integers(0, 4, size=150)
+    host = BucketedBatches(sequences, labels, batch_size=16, max_length=60, seed=3, multiple=8, targets=2)
+    device = DeviceBatches(sequences, labels, batch_size=16, max_length=60, seed=3, multiple=8, targets=2)
+    for epoch in (0, 1, 0):
+        host.set_epoch(epoch)
+        device.set_epoch(epoch)
+        assert len(device) == len(host)
+        for i in range(len(host)):
+            (x, y), (dx, dy) = host[i], device[i]
+            np.testing.assert_array_equal(ops.convert_to_numpy(dx["ids"]), x["ids"])
+            np.testing.assert_array_equal(ops.convert_to_numpy(dx["lengths"]), x["lengths"])
+            np.testing.assert_array_equal(ops.convert_to_numpy(dy), y)
+    unlabelled = DeviceBatches(sequences, batch_size=40, max_length=60, multiple=32)
+    assert np.array_equal(ops.convert_to_numpy(unlabelled[0]["ids"]), BucketedBatches(
+        sequences, batch_size=40, max_length=60, multiple=32)[0]["ids"])
+
+
+def test_latest_validation_slice_holds_each_groups_latest_posts():
+    from tasks.model import validation_split
+    from tasks.train import posting_order
+
+    labels = np.array([0] * 5 + [1] * 5)
+    order = posting_order([f"train/a/{n}" for n in (5, 1, 90, 30, 700)] + [f"train/b/{n}" for n in (20, 400, 10, 3000, 50)])
+    train, val = validation_split(labels, 0.4, seed=0, mode="latest", order=order)
+    assert val.tolist() == [2, 4, 6, 8] and train.tolist() == [0, 1, 3, 5, 7, 9]  # the two highest article numbers each
+    assert validation_split(labels, 0.4, seed=5, mode="latest", order=order)[1].tolist() == val.tolist()  # seed-free
+    assert validation_split(labels, 0.4, 0, "latest")[1].tolist() == [3, 4, 8, 9]  # no order: the last rows
+    randoms = {tuple(validation_split(labels, 0.4, seed, "random")[1]) for seed in range(6)}
+    assert len(randoms) > 1 and all(sum(r < 5 for r in v) == 2 for v in randoms)  # seeded, still stratified
+    # File names that are not article numbers rank in natural order.
+    assert posting_order(["train/g/a10", "train/g/a2", "train/g/b1", "train/g/a2x"]).tolist() == [2, 0, 3, 1]
 
 
 def test_reverse_within_length_and_last_step():
