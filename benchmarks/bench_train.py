@@ -195,6 +195,11 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> dict:
 
 
 def baselines(d: dict, sequences: list[np.ndarray]) -> dict:
+    """TF-IDF + LinearSVC and + logistic regression over the token ids of `d` (its matrix rows = vocabulary + 1)."""
+    return tfidf_baselines(sequences, d["labels"], d["is_test"], len(d["matrix"]), len(d["groups"]))
+
+
+def tfidf_baselines(sequences: list[np.ndarray], labels: np.ndarray, is_test: np.ndarray, vocab_rows: int, n_classes: int) -> dict:
     try:
         import scipy.sparse as sp
         from sklearn.feature_extraction.text import TfidfTransformer
@@ -204,15 +209,15 @@ def baselines(d: dict, sequences: list[np.ndarray]) -> dict:
         log("sklearn not installed: baselines skipped")
         return {}
     rows = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
-    counts = sp.csr_matrix((np.ones(len(rows)), (rows, np.concatenate(sequences))), shape=(len(sequences), len(d["matrix"])))
+    counts = sp.csr_matrix((np.ones(len(rows)), (rows, np.concatenate(sequences))), shape=(len(sequences), vocab_rows))
     counts.sum_duplicates()
-    train, test, y = ~d["is_test"], d["is_test"], d["labels"].astype(np.int64)
+    train, test, y = ~is_test, is_test, labels.astype(np.int64)
     features = TfidfTransformer(sublinear_tf=True).fit(counts[train]).transform(counts)
     out = {}
     for name, model in (("tfidf_linearsvc", LinearSVC()), ("tfidf_logreg", LogisticRegression(C=10.0, max_iter=1000))):
         started = time.perf_counter()
         predicted = model.fit(features[train], y[train]).predict(features[test])
-        out[name] = {**scores(y[test], predicted, len(d["groups"])), "seconds": round(time.perf_counter() - started, 1)}
+        out[name] = {**scores(y[test], predicted, n_classes), "seconds": round(time.perf_counter() - started, 1)}
         log(f"  {name}: {out[name]}")
     return out
 
@@ -240,10 +245,9 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
     predict_seconds = time.perf_counter() - started
     result = scores(labels[test_rows], probabilities.argmax(1), len(d["groups"]))
     if summary["expert_weights"] and len(summary["expert_weights"]) > 1:  # each expert on its own, for the record
-        import keras
+        from tasks.model import expert_probabilities
 
-        experts = keras.Model(classifier.inputs, classifier.get_layer("experts").output)
-        expert_probs = predict_proba(experts, test_sequences, RECIPE["max_length"])
+        expert_probs = expert_probabilities(classifier, test_sequences, RECIPE["max_length"])
         result["expert_accuracy"] = [round(float((expert_probs[:, e].argmax(1) == labels[test_rows]).mean()), 4)
                                      for e in range(expert_probs.shape[1])]
     epochs = summary["seconds_per_epoch"]

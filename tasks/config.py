@@ -100,6 +100,7 @@ class TrainConfig(_Frozen):
     lstm_units: int = Field(96, ge=1)
     lstm_max_tokens: int | None = Field(400, ge=1)  # the LSTM reads the first N tokens; the bag of words reads all
     lstm_stride: int = Field(2, ge=1)  # word vectors concatenated per LSTM step: 2 = word pairs, half the steps
+    attention_pool: bool = False  # also an attention-weighted sum of the LSTM outputs (next to max and mean)
     swem_expert: bool = False  # masked max+mean of the word vectors (SWEM); got expert weight 0 on every 20NG run
     bow_expert: bool = True  # a linear bag-of-words expert (per-word class scores, trained from zero)
     embedding_dropout: float = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)

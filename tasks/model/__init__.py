@@ -36,6 +36,7 @@ _EXPORTS = {
     "FirstSteps": "layers",
     "GatedEmbedding": "layers",
     "LastValidStep": "layers",
+    "MaskedAttentionPool": "layers",
     "MaskedMaxMeanPool": "layers",
     "MergeSteps": "layers",
     "ReverseWithinLength": "layers",

@@ -78,6 +78,36 @@ class MaskedMaxMeanPool(layers.Layer):
         return (shape[0], 2 * shape[2])
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MaskedAttentionPool(layers.Layer):
+    """Attention over valid steps: sum_t a_t x_t, a = softmax_t(v . tanh(W x_t + b)) -> (batch, features)."""
+
+    def __init__(self, units=64, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        features = input_shape[0][-1]
+        self.w = self.add_weight(shape=(features, self.units), initializer="glorot_uniform", name="w")
+        self.b = self.add_weight(shape=(self.units,), initializer="zeros", name="b")
+        self.v = self.add_weight(shape=(self.units,), initializer="glorot_uniform", name="v")
+
+    def call(self, inputs):
+        x, lengths = inputs
+        scores = ops.sum(ops.tanh(ops.matmul(x, ops.cast(self.w, x.dtype)) + ops.cast(self.b, x.dtype))
+                         * ops.cast(self.v, x.dtype), axis=-1)
+        mask = ops.cast(_valid_mask(lengths, ops.shape(x)[1]), x.dtype)
+        weights = ops.softmax(scores * mask + (1.0 - mask) * _NEG, axis=1)
+        return ops.sum(x * weights[:, :, None], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        shape = input_shape[0]
+        return (shape[0], shape[2])
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
 def term_counts(ids, lengths):
     """(batch, steps): how often each position's word occurs within its own document.
 

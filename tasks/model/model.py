@@ -19,6 +19,7 @@ from tasks.model.layers import (
     FirstSteps,
     GatedEmbedding,
     LastValidStep,
+    MaskedAttentionPool,
     MaskedMaxMeanPool,
     MergeSteps,
     ReverseWithinLength,
@@ -93,15 +94,16 @@ def _lstm_features(cfg: TrainConfig, vectors, lengths):
     if cfg.architecture == "lstm_last":
         out = layers.LSTM(cfg.lstm_units, return_sequences=True, name="lstm")(seq)
         return LastValidStep(name="last_step")([out, seq_lengths])
-    if cfg.architecture == "lstm_pool":
-        out = layers.LSTM(cfg.lstm_units, return_sequences=True, name="lstm_forward")(seq)
-        return MaskedMaxMeanPool(name="lstm_pool")([out, seq_lengths])
-    forward = layers.LSTM(cfg.lstm_units, return_sequences=True, name="lstm_forward")(seq)
-    reversed_in = ReverseWithinLength(name="reverse_in")([seq, seq_lengths])
-    backward = layers.LSTM(cfg.lstm_units, return_sequences=True, name="lstm_backward")(reversed_in)
-    backward = ReverseWithinLength(name="reverse_out")([backward, seq_lengths])
-    both = layers.Concatenate(name="bilstm")([forward, backward])
-    return MaskedMaxMeanPool(name="bilstm_pool")([both, seq_lengths])
+    out = layers.LSTM(cfg.lstm_units, return_sequences=True, name="lstm_forward")(seq)
+    if cfg.architecture == "bilstm_pool":
+        reversed_in = ReverseWithinLength(name="reverse_in")([seq, seq_lengths])
+        backward = layers.LSTM(cfg.lstm_units, return_sequences=True, name="lstm_backward")(reversed_in)
+        backward = ReverseWithinLength(name="reverse_out")([backward, seq_lengths])
+        out = layers.Concatenate(name="bilstm")([out, backward])
+    pooled = MaskedMaxMeanPool(name=cfg.architecture)([out, seq_lengths])
+    if not getattr(cfg, "attention_pool", False):
+        return pooled
+    return layers.Concatenate(name="lstm_features")([pooled, MaskedAttentionPool(name="attention_pool")([out, seq_lengths])])
 
 
 def _softmax_head(cfg: TrainConfig, n_classes: int, features, name: str):
