@@ -66,13 +66,18 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str, bool]]) -> tuple[dict, dict]:
-    """{(setting, num_words, truncation, split_contractions): arrays} built with the project's pure step functions, and the configs used."""
+def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str, bool]], dev: bool = False) -> tuple[dict, dict]:
+    """{(setting, num_words, truncation, split_contractions): arrays} built with the project's pure step functions, and the configs used.
+
+    dev=True: the test split is left out altogether and each group's latest 10% of training posts is scored
+    instead, so that settings are compared without ever looking at the test split.
+    """
     from storage.archives import iter_archive
     from tasks.config import CorpusConfig, EmbeddingsConfig, TokenizeConfig
     from tasks.corpus import build_documents
     from tasks.embeddings import embedding_matrix
     from tasks.glove import read_glove_zip
+    from tasks.model.training import validation_split
     from tasks.tokens import encode, fit_vocabulary, rules_of, split_words
     from tasks.train import posting_order
 
@@ -89,8 +94,13 @@ def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str,
         started = time.perf_counter()
         documents, _ = build_documents(iter_archive(data_dir / "20news-bydate.tar.gz"), CorpusConfig(strip=SETTINGS[setting]),
                                        archive="20news-bydate.tar.gz")
+        if dev:
+            documents = documents.filter(np.asarray(documents["split"].to_pylist()) == "train")
         texts = documents["text"]
         is_test = np.asarray(documents["split"].to_pylist()) == "test"
+        if dev:
+            labels = documents["label"].to_numpy()
+            is_test[validation_split(labels, 0.1, 0, "latest", posting_order(documents["doc_id"].to_pylist()))[1]] = True
         order = posting_order(documents["doc_id"].to_pylist())
         for num_words, truncation, contractions in sorted(tokenizers):
             cfg = TokenizeConfig(num_words=num_words, max_length=RECIPE["max_length"], truncation=truncation,
@@ -343,6 +353,8 @@ def main() -> int:
     parser.add_argument("--recipe-batches", type=int, default=12,
                         help="batches of the original recipe timed, in chunks before/between/after the presets (0: skip)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--dev", action="store_true",
+                        help="leave the test split out; score each group's latest 10%% of training posts instead (for choosing settings)")
     parser.add_argument("--export-dir", type=Path, help="save the prepared arrays here (for a machine without the data layer)")
     parser.add_argument("--export-only", action="store_true", help="with --export-dir: prepare, export and stop")
     parser.add_argument("--from-dir", type=Path, help="load arrays saved by --export-dir instead of preparing them")
@@ -369,7 +381,7 @@ def main() -> int:
             tokenizers |= {tokenizer_of(c) for c in train_configs(["default", "seed"], None, None).values()}
         if not any(words == RECIPE["num_words"] for words, _, _ in tokenizers):
             tokenizers.add((RECIPE["num_words"], "tail", False))
-        prepared, data_configs = prepare(args.data, settings, tokenizers)
+        prepared, data_configs = prepare(args.data, settings, tokenizers, args.dev)
         if args.export_dir:
             export(prepared, data_configs, train_configs(["default", "seed"], None, None), args.export_dir)
             if args.export_only:
@@ -379,7 +391,8 @@ def main() -> int:
 
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                            "keras": keras.__version__, "backend": keras.config.backend()},
-               "command": " ".join(sys.argv), "presets": configs, "data": data_configs, "settings": {}}
+               "command": " ".join(sys.argv), "presets": configs, "data": data_configs, "settings": {},
+               "scored_on": "latest 10% of the training split (--dev)" if args.dev else "test split"}
     for setting in settings:
         log(f"== {setting}")
         entry = results["settings"][setting] = {}
