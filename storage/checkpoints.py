@@ -28,6 +28,10 @@ class CheckpointDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    def sub(self, name: str) -> CheckpointDir:
+        """Checkpoints of their own inside this directory (a second training phase: tasks.model.refit)."""
+        return CheckpointDir(self.path / name)
+
     def _checkpoints(self) -> list[Path]:
         """Finished-epoch checkpoints, newest first."""
         return sorted((p for p in self.path.glob(f"{PREFIX}*") if p.is_dir()), reverse=True)

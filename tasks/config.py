@@ -113,6 +113,7 @@ class TrainConfig(_Frozen):
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # slice of the TRAIN split for early stopping
     # which slice: "latest" = each group's latest posts (highest article numbers), like 20news-bydate's test split
     validation: Literal["latest", "random"] = "latest"
+    refit: bool = False  # then train again on all training documents (the validation slice too) for the best epoch count
     patience: int = Field(5, ge=0)  # epochs tolerated without a lower validation loss (of the product of experts)
     seed: int = 1337
 

@@ -296,10 +296,10 @@ def fit_classifier(
     ]
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not progress.get("stopped"):
-        _fit(training_model, train_data, cfg, initial_epoch, callbacks, info, checkpoints)
+        fit_epochs(training_model, train_data, cfg, initial_epoch, cfg.epochs, callbacks, info, checkpoints)
     if (best := checkpoints.best_weights()) is not None:
         classifier.set_weights(best)
-    return classifier, history, {
+    summary = {
         **info,
         **_history_summary(history),
         "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
@@ -310,13 +310,19 @@ def fit_classifier(
         "experts": expert_names(cfg),
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if getattr(cfg, "refit", False) and history:  # the settings and epoch are chosen: now train on everything
+        from tasks.model.refit import refit_on_all
+
+        classifier, summary["refit"] = refit_on_all(cfg, sequences, labels, matrix, n_classes, max_length,
+                                                    checkpoints.sub("refit"), best_row(history), info, log)
+    return classifier, history, summary
 
 
-def _fit(model: keras.Model, data: BucketedBatches, cfg: TrainConfig, initial_epoch: int, callbacks: list, info: dict,
-         checkpoints) -> None:
+def fit_epochs(model: keras.Model, data: BucketedBatches, cfg: TrainConfig, initial_epoch: int, epochs: int, callbacks: list,
+               info: dict, checkpoints) -> None:
     """model.fit, with out-of-memory (however the backend reports it) as OutOfDeviceMemory naming what to lower."""
     try:
-        model.fit(data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
+        model.fit(data, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
     except Exception as exc:  # only out-of-memory is translated, the rest re-raised
         if not _is_out_of_memory(exc):
             raise

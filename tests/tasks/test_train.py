@@ -162,6 +162,26 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
+def test_refit_trains_on_every_document_for_the_best_epoch_count_and_resumes(tmp_path):
+    from keras import ops
+
+    from tasks.model import fit_classifier, predict_proba
+
+    sequences, labels, matrix = synthetic_sequences(n=90)
+    cfg = tiny_config(epochs=3, refit=True)
+    classifier, history, summary = fit_classifier(cfg, sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
+    best = summary["best_epoch"]
+    assert summary["train_documents"] < 90 and summary["refit"]["documents"] == 90
+    assert summary["refit"]["epochs"] == best and summary["refit"]["resumed_from_epoch"] == 0
+    np.testing.assert_allclose(ops.convert_to_numpy(classifier.get_layer("expert_product").expert_weights),
+                               history[best - 1]["expert_weights"], rtol=1e-5)  # fitted on the validation slice
+    assert list((tmp_path / "refit").glob("ckpt-*")), "the refit checkpoints its epochs"
+    # Run again on the same checkpoints (a retried task): nothing is trained twice, the same model comes back.
+    again, _, summary2 = fit_classifier(cfg, sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
+    assert summary2["refit"]["resumed_from_epoch"] == best and summary2["resumed_from_epoch"] == len(history)
+    np.testing.assert_allclose(predict_proba(again, sequences[:8], 30), predict_proba(classifier, sequences[:8], 30), atol=1e-5)
+
+
 # -- failures -----------------------------------------------------------------------------------------
 def test_nan_loss_fails_with_training_diverged_and_keeps_no_checkpoint(tmp_path, monkeypatch):
     from tasks.model import training
