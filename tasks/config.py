@@ -105,6 +105,7 @@ class TrainConfig(_Frozen):
     bow_expert: bool = True  # a linear bag-of-words expert (per-word class scores, trained from zero)
     embedding_dropout: float = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)
     dropout: float = Field(0.3, ge=0, lt=1)  # before the classifier
+    lstm_label_smoothing: float = Field(0.0, ge=0, lt=1)  # the LSTM expert's targets: this much spread over all classes
     unfreeze_embeddings_after: int | None = Field(1, ge=0)  # epochs of frozen GloVe; None = frozen throughout
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-from keras import layers
+from keras import layers, ops
 
 from tasks.model.batches import BucketedBatches, length_multiple
 from tasks.model.device_batches import batches_for
@@ -117,11 +117,25 @@ def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) ->
     lr: float | keras.optimizers.schedules.LearningRateSchedule = cfg.learning_rate
     if cfg.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=cfg.epochs * steps_per_epoch, alpha=0.05)
+    smoothing = getattr(cfg, "lstm_label_smoothing", 0.0)
+    loss = expert_cross_entropy([smoothing] + [0.0] * (model.output_shape[1] - 1)) if smoothing else None
     model.compile(
         optimizer=keras.optimizers.Adam(lr, clipnorm=5.0),
-        loss="sparse_categorical_crossentropy",
+        loss=loss or "sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+
+
+def expert_cross_entropy(smoothing: Sequence[float]):
+    """Each expert's cross-entropy (y_true (batch, experts) labels, y_pred (batch, experts, classes)), with its own
+    label smoothing: the target puts smoothing[e] of its mass evenly on every class."""
+    def loss(y_true, y_pred):
+        classes = ops.shape(y_pred)[-1]
+        eps = ops.convert_to_tensor(np.asarray(smoothing, dtype="float32"))[None, :, None]
+        target = ops.one_hot(ops.cast(y_true, "int32"), classes) * (1.0 - eps) + eps / ops.cast(classes, "float32")
+        return -ops.mean(ops.sum(target * ops.log(ops.clip(y_pred, 1e-7, 1.0)), axis=-1), axis=-1)
+
+    return loss
 
 
 def load_model(path: str | os.PathLike) -> keras.Model:

@@ -311,6 +311,20 @@ def test_latest_validation_slice_holds_each_groups_latest_posts():
     assert posting_order(["train/g/a10", "train/g/a2", "train/g/b1", "train/g/a2x"]).tolist() == [2, 0, 3, 1]
 
 
+def test_expert_cross_entropy_smooths_only_the_experts_it_is_asked_to():
+    import keras
+
+    from tasks.model.model import expert_cross_entropy
+
+    y = np.array([[1, 1], [3, 3]])
+    p = np.random.default_rng(0).dirichlet(np.ones(4), size=(2, 2)).astype("float32")  # (batch, experts, classes)
+    plain = np.asarray(keras.losses.sparse_categorical_crossentropy(y, p)).mean(axis=-1)
+    np.testing.assert_allclose(np.asarray(expert_cross_entropy([0.0, 0.0])(y, p)), plain, rtol=1e-5)
+    target = np.eye(4)[y[:, 0]] * 0.8 + 0.2 / 4  # the first expert's smoothed targets; the second's stay one-hot
+    by_hand = (-(target * np.log(p[:, 0])).sum(-1) - np.log(p[np.arange(2), 1, y[:, 1]])) / 2
+    np.testing.assert_allclose(np.asarray(expert_cross_entropy([0.2, 0.0])(y, p)), by_hand, rtol=1e-5)
+
+
 def test_reverse_within_length_and_last_step():
     from tasks.model import LastValidStep, ReverseWithinLength
 
