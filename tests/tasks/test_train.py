@@ -295,6 +295,19 @@ def test_device_batches_serve_the_same_batches_from_tensors_uploaded_once():
         sequences, batch_size=40, max_length=60, multiple=32)[0]["ids"])
 
 
+def test_no_training_callback_makes_a_step_wait_for_the_device():
+    """A callback with a batch-end hook makes Keras hand every step's logs to the host before the next step."""
+    from keras.src.utils.python_utils import is_default
+
+    from tasks.model import training
+    from tasks.model.refit import RefitCheckpoint
+
+    for callback in (training.EmbeddingWarmup, training.ExpertWeightsFit, training.DivergenceGuard,
+                     training.ResumableEarlyStopping, training.EpochCheckpoint, RefitCheckpoint):
+        for hook in ("on_batch_end", "on_train_batch_end", "on_train_batch_begin", "on_batch_begin"):
+            assert is_default(getattr(callback, hook)), f"{callback.__name__}.{hook}"
+
+
 def test_latest_validation_slice_holds_each_groups_latest_posts():
     from tasks.model import validation_split
     from tasks.train import posting_order
