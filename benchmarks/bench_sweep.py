@@ -98,7 +98,7 @@ def main() -> int:
     for name, expected in SHA256.items():
         if sha256(args.data / name) != expected:
             raise SystemExit(f"{args.data / name}: not the archive of shared/data/README.md")
-    presets, settings = args.presets.split(","), args.settings.split(",")
+    presets, settings, args.data = args.presets.split(","), args.settings.split(","), args.data.resolve()
     configs, grid = sweep_configs(args.data, args.data_home, presets, settings, args.set)
 
     from flows.sweep import sweep

@@ -126,7 +126,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     "seed": dict(
         architecture="lstm_last", lstm_units=100, lstm_max_tokens=None, lstm_stride=1, swem_expert=False, bow_expert=False,
         embedding_dropout=0.2, dropout=0.0, unfreeze_embeddings_after=None, epochs=5, batch_size=32,
-        learning_rate=1e-3, lr_schedule="constant", patience=5,
+        learning_rate=1e-3, lr_schedule="constant", patience=5, attention_pool=False, lstm_label_smoothing=0.0, refit=False,
     ),
 }
 TOKENIZE_PRESETS: dict[str, dict] = {
