@@ -69,6 +69,10 @@ class CorpusConfig(_Frozen):
     test_fraction: float = Field(0.2, gt=0, lt=1)  # only for corpora without a test split
     seed: int = 1337
     max_extracted_bytes: int = 2 * 1024**3
+    # A corpus given as a table (.parquet, .csv, .jsonl): its columns. No split column: a stratified split.
+    text_column: str = "text"
+    label_column: str = "label"
+    split_column: str | None = None
 
 
 class GloveConfig(_Frozen):
