@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 
 from storage.archives import Member, iter_archive
 from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.errors import InputFormatError
+from storage.download import forget_download
+from storage.errors import InputFormatError, PipelineError
 from storage.files import Spill, Staging
 from storage.schemas import DOCUMENTS
 from storage.tables import iter_table, table_format
@@ -235,7 +236,11 @@ def corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None
     """Read the downloaded corpus archive or table and publish documents.parquet."""
     def build(store: ArtifactStore, out: Staging) -> dict:
         path = store.only_file(archive)
-        stats = build_documents(path, cfg, out)
+        try:
+            stats = build_documents(path, cfg, out)
+        except PipelineError:
+            forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
+            raise
         step_logger().info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name,
                            f"{stats['rows']:,}", stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"],
                            stats["ignored_files"])
