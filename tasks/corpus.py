@@ -112,7 +112,7 @@ class TextSpill:
     def _flush(self) -> None:
         if self._texts:
             texts = pa.array(self._texts, pa.string())
-            self._sizes.append(np.diff(texts.offsets.to_numpy()))
+            self._sizes.append(pc.binary_length(texts).to_numpy().astype(np.int64))
             self.spill.write(pa.record_batch([texts], schema=_TEXT))
             self._texts, self._bytes = [], 0
 
@@ -170,7 +170,7 @@ def spill_table(batches: Iterable[pa.RecordBatch], cfg: CorpusConfig, texts: Tex
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def row_groups(sizes: np.ndarray, rows: int = ROW_GROUP_ROWS, max_bytes: int = ROW_GROUP_BYTES) -> Iterator[slice]:
+def row_groups(sizes: np.ndarray, rows: int, max_bytes: int) -> Iterator[slice]:
     """Consecutive slices of documents: `rows` each, fewer where their texts add up to more than max_bytes."""
     ends = np.cumsum(sizes)
     start = 0
@@ -197,7 +197,7 @@ def build_documents(source: Path, cfg: CorpusConfig, out: Staging) -> dict:
         docs = ordered_documents(layout, cfg.test_fraction, cfg.seed)
         ordinal = docs["ordinal"].to_numpy()
         with out.parquet_writer("documents.parquet", DOCUMENTS) as writer:
-            for part in row_groups(sizes[ordinal]):
+            for part in row_groups(sizes[ordinal], ROW_GROUP_ROWS, ROW_GROUP_BYTES):
                 rows = docs.slice(part.start, part.stop - part.start)
                 table = pa.table([rows["doc_id"], rows["group"], rows["label"], rows["split"],
                                   spill.take(ordinal[part])["text"]], schema=DOCUMENTS)
