@@ -168,7 +168,7 @@ class Spill:
         with pa.memory_map(str(self.path)) as source:
             reader = pa.ipc.open_file(source)
             pieces = [reader.get_batch(int(b)).take(pa.array(wanted[lo:hi] - starts[b]))
-                      for b, lo, hi in zip(batches, first, [*first[1:], len(wanted)])]
+                      for b, lo, hi in zip(batches, first, [*first[1:], len(wanted)], strict=True)]
             gathered = pa.Table.from_batches(pieces, schema=self.schema)
             return gathered.take(pa.array(np.argsort(order))).combine_chunks()  # copies: nothing points into the map
 

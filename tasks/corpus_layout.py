@@ -103,7 +103,7 @@ def find_layout(paths: Iterable[str] | pa.Array | pa.ChunkedArray, dirs: Iterabl
     hidden = pc.fill_null(pc.match_substring_regex(paths, _HIDDEN), False)
     folder = pc.replace_substring_regex(paths, r"/?[^/]*$", "")
     visible = pc.value_counts(folder.filter(pc.invert(hidden)))
-    counts = {_parts(f): n for f, n in zip(visible.field("values").to_pylist(), visible.field("counts").to_pylist())}
+    counts = {_parts(f): n for f, n in zip(visible.field("values").to_pylist(), visible.field("counts").to_pylist(), strict=True)}
     dir_parts = [_parts(d) for d in dirs if not re.search(_HIDDEN, d)]
     kind, class_folders = _class_folders(counts, dir_parts, archive)
 

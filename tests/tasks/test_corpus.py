@@ -67,7 +67,8 @@ def test_bydate_layout_with_and_without_top_folder():
                  f"{top}20news-bydate-test/a.grp/3", f"{top}20news-bydate-test/b.grp/4"]
         layout = find_layout(files)
         assert layout.kind == "split" and layout.groups == ["a.grp", "b.grp"]
-        assert docs_of(layout) == [("test", "a.grp", "3"), ("test", "b.grp", "4"), ("train", "a.grp", "2"), ("train", "b.grp", "1")]
+        assert docs_of(layout) == [("test", "a.grp", "3"), ("test", "b.grp", "4"), ("train", "a.grp", "2"),
+                                   ("train", "b.grp", "1")]
         assert layout.documents["ordinal"].to_pylist() == [0, 1, 2, 3]  # positions in archive order
 
 
@@ -104,11 +105,11 @@ def test_train_and_test_with_different_classes_is_an_error():
         find_layout(files)
 
 
-def build(tmp_path, source, cfg=CorpusConfig()):
+def build(tmp_path, source, cfg: CorpusConfig | None = None):
     """documents.parquet built from `source` into a fresh staging directory: (table, stats)."""
     staging = tmp_path / f"staging-{len(list(tmp_path.glob('staging-*')))}"
     staging.mkdir()
-    stats = build_documents(source, cfg, Staging(staging))
+    stats = build_documents(source, cfg or CorpusConfig(), Staging(staging))
     return pq.read_table(staging / "documents.parquet"), stats
 
 
