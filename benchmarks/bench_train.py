@@ -73,7 +73,7 @@ def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str]
     from tasks.corpus import build_documents
     from tasks.embeddings import embedding_matrix
     from tasks.glove import read_glove_zip
-    from tasks.tokens import encode, fit_vocabulary, rules_of, split_words
+    from tasks.tokenizer import encode, fit_vocabulary, rules_of, split_words
 
     for name, expected in SHA256.items():
         got = sha256(data_dir / name)

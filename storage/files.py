@@ -83,10 +83,16 @@ def iter_row_groups(path: str | os.PathLike, schema: pa.Schema, row_groups: Sequ
             yield group, batch
 
 
-def read_row_group(path: str | os.PathLike, schema: pa.Schema, group: int) -> pa.Table:
-    parquet = pq.ParquetFile(path)
-    check_schema(parquet.schema_arrow, schema, str(path))
-    return parquet.read_row_group(group)
+def interleave_row_groups(paths: Sequence[str | os.PathLike], schema: pa.Schema) -> Iterator[pa.Table]:
+    """Row groups of several Parquet files taken in turn (file 0's first, file 1's first, ..., file 0's second, ...)
+    until every file is exhausted: the order back when file i holds row groups i, i+n, i+2n ... of a whole."""
+    files = [pq.ParquetFile(path) for path in paths]
+    for path, parquet in zip(paths, files, strict=True):
+        check_schema(parquet.schema_arrow, schema, str(path))
+    for index in range(max((f.num_row_groups for f in files), default=0)):
+        for parquet in files:
+            if index < parquet.num_row_groups:
+                yield parquet.read_row_group(index)
 
 
 class Staging:

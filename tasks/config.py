@@ -137,6 +137,16 @@ class EvaluateConfig(_Frozen):
     batch_size: int = Field(256, ge=1)  # documents per prediction batch
 
 
+class ParallelConfig(_Frozen):
+    """How the shards of a step run. No artifact key depends on it: the artifacts are the same however they ran."""
+
+    shards: int = Field(0, ge=0)  # tokenize shards (cut by row groups of documents.parquet); 0: one per CPU core here
+    # "threads" (Prefect's ThreadPoolTaskRunner: Arrow releases the GIL), "processes" (ProcessPoolTaskRunner),
+    # or the import path of any Prefect task runner class, e.g. "prefect_dask.DaskTaskRunner"
+    task_runner: str = "threads"
+    options: dict[str, Any] = {}  # keyword arguments of that class, e.g. {"address": "tcp://scheduler:8786"}
+
+
 class PipelineConfig(_Frozen):
     data_home: str | None = None  # default: $NEWSGROUPS_LSTM_HOME or ~/.cache/newsgroups-lstm
     sources: SourcesConfig = SourcesConfig()
@@ -146,6 +156,7 @@ class PipelineConfig(_Frozen):
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 def with_preset(cfg: PipelineConfig, name: str) -> PipelineConfig:

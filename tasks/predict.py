@@ -43,7 +43,7 @@ def _load(run_dir: str, stamp: float):
 def predict(run_dir: str | os.PathLike, texts: Sequence[str], batch_size: int = 256) -> list[Prediction]:
     """(label, probabilities) for each raw text, in order."""
     from tasks.model import predict_proba
-    from tasks.tokens import texts_to_ids
+    from tasks.tokenizer import texts_to_ids
 
     root = Path(run_dir).resolve()
     model, vocab, rules, names = _load(str(root), (root / "model.keras").stat().st_mtime if root.exists() else 0.0)
