@@ -250,3 +250,11 @@ def test_corpus_rejects_an_unsafe_archive(home, tmp_path):
     with pytest.raises(UnsafeArchiveError, match=r"\.\./evil"):
         corpus.fn(CorpusConfig(), archive, data_home=home)
     assert [m["step"] for m in ArtifactStore(home).list()] == ["download"]
+
+
+def test_the_corpus_task_reads_an_unpinned_table_download(home, tmp_path):
+    source = Source(url=write_table(tmp_path / "export.jsonl", ROWS).as_uri())
+    archive = download.fn(source, data_home=home)
+    ref = corpus.fn(TABLE_CFG, archive, data_home=home)
+    manifest = ArtifactStore(home).read_manifest(ref)
+    assert ref.rows == len(ROWS) and manifest["layout"] == "table" and manifest["documents"] == {"train": 4, "test": 2}
