@@ -4,7 +4,7 @@
                                                [--staged] [--train-scales 1,10] [--tokenize-scales 1,10]
 
 For each scale N: a corpus archive with every document of 20news-bydate.tar.gz N times (copy k of a
-file is named <file>-<k>; same folder layout), in a temporary folder, served by file:// URL with the
+file is named <file>-<k>; same folder layout; written copy after copy, about N x 14 MB), in a temporary folder, served by file:// URL with the
 GloVe copy of ../shared/data. Then, each a child `newsgroups-lstm` process whose peak RSS
 (ru_maxrss of a fresh wrapper process, so it covers the child and its own children) is recorded:
 - `run --until embeddings` on an empty data home: wall time, per-step seconds and documents per second;
@@ -50,11 +50,12 @@ def replicate(source: Path, scale: int, dest: Path) -> Path:
         for info, data in members:
             if data is None:
                 out.addfile(info)
-                continue
-            for k in range(scale):
-                copy = tarfile.TarInfo(info.name if k == 0 else f"{info.name}-{k}")
-                copy.size, copy.mtime, copy.mode = len(data), info.mtime, info.mode
-                out.addfile(copy, io.BytesIO(data))
+        for k in range(scale):  # copy by copy of the whole corpus, so that gzip cannot fold a copy into its original
+            for info, data in members:
+                if data is not None:
+                    copy = tarfile.TarInfo(info.name if k == 0 else f"{info.name}-{k}")
+                    copy.size, copy.mtime, copy.mode = len(data), info.mtime, info.mode
+                    out.addfile(copy, io.BytesIO(data))
     return dest
 
 

@@ -276,19 +276,16 @@ def fit_classifier(
     log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
     """Train on the documents (a validation slice of them drives early stopping); resume from `checkpoints`
-    (a storage.checkpoints.CheckpointDir: this package never touches files itself).
-
-    `sequences` is a list of id arrays (with `labels`) or Rows, which loads them piece by piece: batches are
-    streamed (StreamedBatches), so memory does not grow with the number of documents.
-    Returns (classifier with the best validation weights, per-epoch history, summary).
-    Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
+    (a storage.checkpoints.CheckpointDir: this package never touches files itself). `sequences`: id arrays
+    (with `labels`), or Rows, loaded piece by piece: batches are streamed (StreamedBatches), so memory does
+    not grow with the number of documents. Returns (classifier with the best validation weights, per-epoch
+    history, summary). Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
     """
     log = log or logging.getLogger(PACKAGE)
     rows = sequences if isinstance(sequences, Rows) else Rows.in_memory(sequences, labels)
     keras.utils.set_random_seed(cfg.seed)
-    fit_rows, val_rows = validation_split(rows.labels, cfg.validation_fraction, cfg.seed)
-    fit, validation = np.zeros(len(rows), dtype=bool), np.zeros(len(rows), dtype=bool)
-    fit[fit_rows], validation[val_rows] = True, True
+    fit, validation = (np.isin(np.arange(len(rows)), part)
+                       for part in validation_split(rows.labels, cfg.validation_fraction, cfg.seed))
     idf, low, top = scan_rows(rows, fit, len(matrix))
     check_inputs(matrix, (low, top), rows.labels, n_classes)
 
@@ -303,7 +300,7 @@ def fit_classifier(
         log.info("resuming from %s: %d of %d epochs done", progress["name"], initial_epoch, cfg.epochs)
     info = device_info()
     log.info("training on %s (%s, keras %s backend): %d train / %d validation documents, %d batches per epoch, %d experts",
-             info["device_name"], info["device"], info["backend"], len(fit_rows), len(val_rows), len(train_data), experts)
+             info["device_name"], info["device"], info["backend"], fit.sum(), validation.sum(), len(train_data), experts)
 
     early_stopping = ResumableEarlyStopping(cfg.patience, history, log)
     callbacks = [
@@ -324,8 +321,8 @@ def fit_classifier(
         **_history_summary(history),
         "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
         "resumed_from_epoch": initial_epoch,
-        "train_documents": len(fit_rows),
-        "validation_documents": len(val_rows),
+        "train_documents": int(fit.sum()),
+        "validation_documents": int(validation.sum()),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
