@@ -4,8 +4,8 @@
                                                [--staged] [--train-scales 1,10] [--tokenize-scales 1,10]
 
 For each scale N: a corpus archive with every document of 20news-bydate.tar.gz N times (copy k of a
-file is named <file>-<k>; same folder layout; written copy after copy, about N x 14 MB), in a temporary folder, served by file:// URL with the
-GloVe copy of ../shared/data. Then, each a child `newsgroups-lstm` process whose peak RSS
+file is named <file>-<k>; same folder layout; written copy after copy, about N x 14 MB), in a temporary
+folder, served by file:// URL with the GloVe copy of ../shared/data. Then, each a child `newsgroups-lstm` process whose peak RSS
 (ru_maxrss of a fresh wrapper process, so it covers the child and its own children) is recorded:
 - `run --until embeddings` on an empty data home: wall time, per-step seconds and documents per second;
 - with --staged, the same as three children (`--until data`, `--until tokens`, `--until embeddings`)
