@@ -56,7 +56,8 @@ class StepRunner:
     def shards(self, subflow, step: Step, cfg: Any, upstream: StepFuture | ArtifactRef | None, *inputs) -> list | None:
         """Run `subflow` (which builds the shards of `step`) unless the store already holds the step's artifact.
 
-        Its result ([] when skipped) goes to the step's task; its time is recorded as the step's shard_seconds.
+        Its result ([] when skipped) goes to the step's task; its time counts in the step's seconds (and is
+        recorded alone as shard_seconds).
         """
         args = self._resolve((upstream, *inputs))
         if args is None or not self.wanted(step.name):
@@ -115,8 +116,9 @@ class StepRunner:
 
     def _record(self, name: str, state: State, seconds: float) -> None:
         with self._lock:
-            self.steps.setdefault(name, {}).update(state=state.name, seconds=round(seconds, 3),
-                                                   task_run_id=str(state.state_details.task_run_id))
+            step = self.steps.setdefault(name, {})
+            seconds += step.get("shard_seconds", 0.0)  # a step built in shards took them as well
+            step.update(state=state.name, seconds=round(seconds, 3), task_run_id=str(state.state_details.task_run_id))
         say(f"{name}: {state.name} in {seconds:.1f} s")
 
     def _note(self, name: str, ref: ArtifactRef) -> ArtifactRef:
