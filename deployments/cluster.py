@@ -146,15 +146,15 @@ def _client_env(root: Path, api_url: str, s3_env: dict[str, str], data_home: str
 
 
 @contextlib.contextmanager
-def start_worker(pool: str, root: Path, log: Path, client_env: dict[str, str], query_seconds: float = 2.0,
-                 extra_env: dict[str, str] | None = None) -> Iterator[Worker]:
+def start_worker(pool: str, root: Path, log: Path, client_env: dict[str, str], query_seconds: float = 2.0
+                 ) -> Iterator[Worker]:
     """`prefect worker start --pool <pool>` with private HOME/TMPDIR/PREFECT_HOME/cwd and no PYTHONPATH."""
     worker = Worker(pool=pool, root=root, log=log)
     for path in worker.dirs.values():
         path.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in client_env.items() if k != "PYTHONPATH"}
     env.update({name: str(path) for name, path in worker.dirs.items() if name != "cwd"},
-               PREFECT_WORKER_QUERY_SECONDS=str(query_seconds), **(extra_env or {}))
+               PREFECT_WORKER_QUERY_SECONDS=str(query_seconds))
     with open(log, "wb") as out:
         process = subprocess.Popen([_prefect_command(), "worker", "start", "--pool", pool, "--type", "process",
                                     "--name", f"{pool}-worker"], cwd=worker.dirs["cwd"], env=env, stdout=out,
@@ -175,9 +175,11 @@ def _wait_online(cluster: Cluster, timeout: float = 180.0) -> None:
 
 
 @contextlib.contextmanager
-def local_cluster(base_dir: str | os.PathLike | None = None, repository: str | None = None, branch: str | None = None,
-                  worker_env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """Bring the cluster up (servers, pools, deployments, workers); on exit stop it all and delete its data."""
+def local_cluster(base_dir: str | os.PathLike | None = None) -> Iterator[Cluster]:
+    """Bring the cluster up (servers, pools, deployments, workers); on exit stop it all and delete its data.
+
+    The code: NEWSGROUPS_LSTM_REPO at NEWSGROUPS_LSTM_BRANCH (as `prefect deploy` reads them), else a
+    snapshot of this working tree."""
     root = Path(tempfile.mkdtemp(prefix="nglstm-cluster-", dir=base_dir))
     seconds: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
@@ -187,10 +189,9 @@ def local_cluster(base_dir: str | os.PathLike | None = None, repository: str | N
         prefect = stack.enter_context(prefect_server(database_url=postgres.url, base_dir=base_dir))
         seconds.update(postgres=postgres.startup_seconds, s3=s3.startup_seconds, prefect=prefect.startup_seconds)
         data_home = f"s3://{s3.create_bucket(BUCKET)}/home"
-        repository = repository or os.environ.get("NEWSGROUPS_LSTM_REPO")
+        repository, branch = os.environ.get("NEWSGROUPS_LSTM_REPO"), os.environ.get("NEWSGROUPS_LSTM_BRANCH", "")
         if not repository:
             repository, branch = snapshot_repository(REPO_ROOT, root / "code.git"), SNAPSHOT_BRANCH
-        branch = branch or os.environ.get("NEWSGROUPS_LSTM_BRANCH") or ""
         cluster = Cluster(root=root, api_url=prefect.api_url, ui_url=prefect.ui_url, data_home=data_home,
                           repository=repository, branch=branch, workers={}, seconds=seconds,
                           env=_client_env(root, prefect.api_url, s3.env, data_home))
@@ -206,7 +207,7 @@ def local_cluster(base_dir: str | os.PathLike | None = None, repository: str | N
         started = time.monotonic()
         (root / "logs").mkdir()
         workers = {pool: stack.enter_context(start_worker(pool, root / pool, root / "logs" / f"{pool}-worker.log",
-                                                          cluster.env, extra_env=worker_env)) for pool in POOLS}
+                                                          cluster.env)) for pool in POOLS}
         cluster = dataclasses.replace(cluster, workers=workers, branch=branch)
         _wait_online(cluster)
         seconds["workers"] = time.monotonic() - started

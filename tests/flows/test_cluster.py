@@ -7,11 +7,13 @@ server, since the workers cannot read the test's files."""
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -54,7 +56,8 @@ def cluster(tmp_path_factory):
                    None if shutil.which("git") else "git is not installed"):
         if reason:
             pytest.skip(reason)
-    with local_cluster(base_dir=tmp_path_factory.mktemp("cluster")) as running:
+    code_source = {"NEWSGROUPS_LSTM_REPO": "", "NEWSGROUPS_LSTM_BRANCH": ""}  # the snapshot of this tree, always
+    with mock.patch.dict(os.environ, code_source), local_cluster(base_dir=tmp_path_factory.mktemp("cluster")) as running:
         # No 03:00 UTC run during the test: turn the nightly's schedule off (its runs scheduled ahead go too).
         for deployment in running.api("/deployments/filter", {}):
             for schedule in deployment["schedules"]:
@@ -106,9 +109,8 @@ def test_nightly_trains_on_the_gpu_worker_and_a_second_run_is_cached(cluster, ht
         logs = [log["message"] for log in cluster.api("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})]
         assert any("Running 1 deployment pull step" in message for message in logs), logs[:20]
     # The artifacts are in the bucket, where any worker finds them.
-    s3 = cluster.env["AWS_ENDPOINT_URL"]
     bucket, prefix = cluster.data_home.removeprefix("s3://").split("/", 1)
-    keys = _s3_keys(s3, bucket, prefix)
+    keys = _s3_keys(cluster.env, bucket, prefix)
     for step in ("corpus", "glove", "tokens", "embeddings", "train", "evaluate"):
         assert any(key.startswith(f"{prefix}/{step}/") and key.endswith("/manifest.json") for key in keys), (step, keys)
 
@@ -119,7 +121,7 @@ def test_nightly_trains_on_the_gpu_worker_and_a_second_run_is_cached(cluster, ht
     assert parent2["id"] != parent["id"] and child2["work_pool_name"] == "gpu"
     steps = _step_states(cluster, parent2["id"], PARENT_STEPS) + _step_states(cluster, child2["id"], CHILD_STEPS)
     assert steps == [(name, "Cached") for name in STEPS_IN_ORDER]
-    assert _s3_keys(s3, bucket, prefix) == keys  # nothing rebuilt, nothing lost
+    assert _s3_keys(cluster.env, bucket, prefix) == keys  # nothing rebuilt, nothing lost
     for pool, worker in cluster.workers.items():
         print(f"{pool} worker keeps {_du(worker.root)} after two runs")
 
@@ -148,11 +150,11 @@ def test_snapshot_repository_holds_the_working_tree_less_ignored_files(tmp_path)
     assert not (clone / ".venv").exists()
 
 
-def _s3_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
+def _s3_keys(env: dict, bucket: str, prefix: str) -> list[str]:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
