@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401 - pa.ipc
+import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from storage.errors import InputFormatError
