@@ -14,12 +14,14 @@ import logging
 import os
 import sys
 import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.errors import UsageError
-
 from flows import render
+from storage.errors import UsageError
+from tasks.progress import PROGRESS_LOGGER
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # = flows.steps.STAGES, without importing Prefect
@@ -32,10 +34,80 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import build_config
 
     config = build_config([read_config_file(path) for path in args.config], args.overrides, args.preset, args.data_home)
-    from flows.pipeline import pipeline
+    with prefect_api() as api:
+        from flows.pipeline import pipeline
 
-    summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
+        summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
+    if api.kind == "temporary":  # its UI is gone with it
+        summary.get("flow_run", {}).pop("ui_url", None)
     print(json.dumps(summary, indent=2, default=str) if args.json else render.summary(summary))
+    return EXIT_OK
+
+
+# -- the Prefect API a command uses -------------------------------------------------------------
+IDLE_ENV = "NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES"
+DEFAULT_IDLE_MINUTES = 15.0
+
+
+@dataclass
+class Api:
+    kind: str  # "configured" (PREFECT_API_URL), "local" (the background server) or "temporary" (Prefect's own)
+    url: str | None = None
+    started: bool = False
+
+
+def _idle_seconds() -> float:
+    raw = os.environ.get(IDLE_ENV, str(DEFAULT_IDLE_MINUTES))
+    try:
+        return float(raw) * 60
+    except ValueError:
+        raise UsageError(f"{IDLE_ENV}={raw!r}: expected a number of minutes (0: no background server)") from None
+
+
+@contextmanager
+def prefect_api():
+    """The API the flow reports to: PREFECT_API_URL if set (environment or profile), else the local background
+    server (storage.prefect_api, reused between commands), else with NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=0
+    Prefect's temporary one (started and stopped by this process)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield Api("configured", PREFECT_API_URL.value())
+        return
+    idle = _idle_seconds()
+    if idle <= 0:
+        yield Api("temporary")
+        return
+    from storage.prefect_api import local_api
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    if not (home / "prefect.db").exists():
+        logging.getLogger(PROGRESS_LOGGER).info("starting a local Prefect server (the first start creates its "
+                                                "database in %s; later commands reuse the server)", home)
+    url, started = local_api(home, idle)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield Api("local", url, started)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_HOME
+
+    from storage import prefect_api as local
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    if args.action == "stop":
+        state = local.stop(home)
+        print(f"stopped the local Prefect server at {state['url']}" if state else "no local Prefect server running")
+        return EXIT_OK
+    state = local.running(home)
+    if args.action == "start" and state is None:
+        local.local_api(home, _idle_seconds())
+        state = local.running(home)
+    if state is None:
+        print(f"no local Prefect server running (PREFECT_HOME {home})")
+        return EXIT_FAILED if args.action == "status" else EXIT_OK
+    print(f"Prefect UI: {state['url'].removesuffix('/api')}   API: {state['url']}   pid {state['pid']}   "
+          f"stops after {_idle_seconds() / 60:g} idle minutes")
     return EXIT_OK
 
 
@@ -182,52 +254,43 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_home(predict)
     predict.set_defaults(func=cmd_predict)
+
+    server = sub.add_parser("server", parents=[common], help="the local Prefect server that `run` starts and reuses",
+                            description=f"Without PREFECT_API_URL, `run` starts a Prefect server (API + UI) in the "
+                                        f"background and later commands reuse it; it stops after ${IDLE_ENV} "
+                                        f"(default {DEFAULT_IDLE_MINUTES:g}) idle minutes. 0 = no background server: "
+                                        f"every command starts Prefect's temporary API instead.")
+    server.add_argument("action", nargs="?", choices=("status", "start", "stop"), default="status",
+                        help="status (default): its UI address; start: start it now; stop: stop it")
+    server.set_defaults(func=cmd_server)
     return parser
 
 
-def _quiet_defaults(verbose: bool) -> None:
-    """Environment defaults set before Prefect is imported; the user's own settings win."""
+def _quiet_defaults(verbose: bool, debug: bool) -> None:
+    """Environment defaults set before Prefect or TensorFlow is imported; the user's own settings win."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The first start of the embedded API on a fresh PREFECT_HOME runs DB migrations (can exceed 60 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not debug:  # TensorFlow's C++ log (oneDNN, CUDA probing) only with --debug; see tasks/model/native_log.py
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Prefect creates its home without parents; a missing parent makes the embedded API fail to start.
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     if not verbose:
         # Run logs still reach the Prefect API/UI; only the console copy (with tracebacks) is silenced.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        from tasks.step import PROGRESS_LOGGER  # imports Prefect: only after the settings above
-
-        progress = logging.getLogger(PROGRESS_LOGGER)
-        if not any(isinstance(h, _StderrHandler) for h in progress.handlers):
-            handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
-            progress.addHandler(handler)
-        progress.setLevel(logging.INFO)
-        progress.propagate = False
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (it may be replaced after set-up)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
-    _quiet_defaults(args.verbose or args.debug)
+    _quiet_defaults(args.verbose or args.debug, args.debug)
     try:
-        return args.func(args)
+        if args.verbose or args.debug:  # Prefect's console log shows the same records
+            return args.func(args)
+        from flows.console import progress_output
+
+        with progress_output():
+            return args.func(args)
     except UsageError as exc:
         print(f"newsgroups-lstm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

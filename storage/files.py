@@ -45,6 +45,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def read_bytes(path: str | os.PathLike) -> bytes:
+    return Path(path).read_bytes()
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A user's text file, decoded as UTF-8 (undecodable bytes become U+FFFD)."""
     return Path(path).read_text(encoding="utf-8", errors="replace")

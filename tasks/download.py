@@ -15,6 +15,7 @@ from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import Fetched, fetch
 from storage.files import Staging
 from tasks.config import Source
+from tasks.progress import Reporter
 from tasks.step import Step, step_logger
 
 STEP = Step("download", version=1)
@@ -40,8 +41,13 @@ def download(source: Source, data_home: str | None = None) -> ArtifactRef:
         if cached := STEP.cached(store, download_key(source, store)):
             return cached
         step_logger().info("downloading %s", source.url)
-        got: Fetched = fetch([source.url, *source.mirrors], work / source.name, sha256=source.sha256, size=source.size,
-                             require_archive=True)  # an unpinned URL is recorded only for a real archive
+        reporter = Reporter(f"download-{source.name}", "B")
+        try:
+            got: Fetched = fetch([source.url, *source.mirrors], work / source.name, sha256=source.sha256,
+                                 size=source.size, require_archive=True,  # an unpinned URL is recorded only for an archive
+                                 progress=lambda done, total: reporter.update(done, total))
+        finally:
+            reporter.close()
         step_logger().info("downloaded %s: %s bytes, sha256 %s", got.url, f"{got.size:,}", got.sha256)
 
         def build(staging: Staging) -> dict:

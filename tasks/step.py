@@ -32,8 +32,7 @@ from pydantic import BaseModel
 from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key
 from storage.errors import TransientError
 from storage.files import Staging
-
-PROGRESS_LOGGER = "newsgroups_lstm.progress"  # the CLI prints this logger's records as progress lines
+from tasks.progress import PROGRESS_LOGGER  # the CLI prints this logger's records as progress lines and bars
 
 Build = Callable[[ArtifactStore, Staging], Mapping[str, Any] | None]
 

@@ -7,6 +7,7 @@ The callbacks, in the order Keras calls them:
   DivergenceGuard         keras TerminateOnNaN: a NaN/inf loss (or validation loss) raises TrainingDiverged
   ResumableEarlyStopping  keras EarlyStopping on the product's val_loss, carried across a resume
   EpochCheckpoint         the epoch's history row; ckpt-<epoch>/ with the training state and the best weights
+  BatchProgress           after every batch: the caller's progress callable (epoch, batch, running loss)
 Validation runs in ExpertWeightsFit, not through fit's validation_data: it needs each expert's
 probabilities, and the product of experts' log-loss (not the training loss) drives early stopping.
 """
@@ -19,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -211,6 +212,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
             shutil.rmtree(old, ignore_errors=True)
 
 
+class BatchProgress(keras.callbacks.Callback):
+    """Calls `report(epoch=, epochs=, batch=, batches=, loss=)` (1-based) after every training batch;
+    loss is the epoch's running mean, as Keras' own progress bar shows it."""
+
+    def __init__(self, report: Callable[..., None], epochs: int, batches: int):
+        super().__init__()
+        self.report, self.epochs, self.batches, self.epoch = report, epochs, batches, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        self.report(epoch=self.epoch, epochs=self.epochs, batch=batch + 1, batches=self.batches,
+                    loss=None if loss is None else float(loss))
+
+
 # -- checkpoints ------------------------------------------------------------------------------------------
 def _checkpoints(work_dir: Path) -> list[Path]:
     """Finished-epoch checkpoints, newest first."""
@@ -283,7 +301,8 @@ def device_info() -> dict:
 def _is_out_of_memory(exc: BaseException) -> bool:
     """OOM as each backend reports it (TF ResourceExhaustedError, torch OutOfMemoryError, XLA RESOURCE_EXHAUSTED)."""
     text = f"{type(exc).__name__}: {exc}".lower()
-    return isinstance(exc, MemoryError) or any(s in text for s in ("out of memory", "resource_exhausted", "resourceexhausted", "oom when"))
+    signs = ("out of memory", "resource_exhausted", "resourceexhausted", "oom when")
+    return isinstance(exc, MemoryError) or any(s in text for s in signs)
 
 
 def fit_classifier(
@@ -295,8 +314,10 @@ def fit_classifier(
     max_length: int,
     work_dir: str | os.PathLike,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    on_batch: Callable[..., None] | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
     """Train on `sequences` (a validation slice of them drives early stopping); resume from work_dir.
+    `on_batch`, if given, is called after every batch (BatchProgress).
 
     Returns (classifier with the best validation weights, per-epoch history, summary).
     Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
@@ -331,6 +352,7 @@ def fit_classifier(
         DivergenceGuard(cfg.learning_rate, work_dir),
         early_stopping,
         EpochCheckpoint(cfg, work_dir, classifier, history, early_stopping, log),
+        *([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else []),
     ]
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not progress.get("stopped"):

@@ -1,0 +1,225 @@
+"""A local Prefect API that outlives one command, so that a cached rerun takes seconds.
+
+Without PREFECT_API_URL, Prefect starts a temporary API server for every process that runs a
+flow and stops it when the process exits: about 7 s of every `newsgroups-lstm run` on 2 cores,
+and its runs can only be looked at after starting a server by hand. Instead, the first command
+starts this module as a background server (`prefect server start`'s app: API, UI and services,
+on 127.0.0.1, the same database in PREFECT_HOME), and later commands reuse it while it answers
+/api/health. It stops itself after `idle_seconds` without a request or open connection (a
+running flow keeps a websocket open; a browser on the UI polls), so nothing is left behind
+for long.
+
+    <PREFECT_HOME>/newsgroups-lstm-api.json    {"pid", "url", "started"} of the running server
+    <PREFECT_HOME>/newsgroups-lstm-api.log     its output
+    <PREFECT_HOME>/newsgroups-lstm-api.lock    held while a command checks or starts it, and while it stops
+
+    python -m storage.prefect_api --port 4300 --idle-seconds 900 --home ~/.prefect    # what local_api() starts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from storage.errors import PipelineError
+
+HOST = "127.0.0.1"
+STATE, LOG, LOCK = "newsgroups-lstm-api.json", "newsgroups-lstm-api.log", "newsgroups-lstm-api.lock"
+MODULE = "storage.prefect_api"
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def read_state(home: Path) -> dict | None:
+    try:
+        state = json.loads((home / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and {"pid", "url"} <= state.keys() else None
+
+
+def running(home: Path) -> dict | None:
+    """The state of this PREFECT_HOME's background server if it answers, else None."""
+    state = read_state(home)
+    return state if state and healthy(state["url"]) else None
+
+
+def local_api(home: Path, idle_seconds: float, timeout: float = 180.0) -> tuple[str, bool]:
+    """(API URL, whether it was started now): the running background server of `home`, else a new one.
+
+    A first start on a fresh PREFECT_HOME creates the database (up to a minute on a slow disk).
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / LOCK), timeout=timeout):
+        if state := running(home):
+            return state["url"], False
+        previous = read_state(home)
+        preferred = [previous["port"]] if previous and previous.get("port") else []
+        for port in [*preferred, _free_port(), _free_port()]:
+            if not _port_free(port):
+                continue
+            process = _spawn(home, port, idle_seconds)
+            url = f"http://{HOST}:{port}/api"
+            if _wait_healthy(url, process, timeout):
+                (home / STATE).write_text(json.dumps({"pid": process.pid, "url": url, "port": port, "started": time.time()}))
+                return url, True
+        raise PipelineError(f"the local Prefect server did not start; its log {home / LOG} ends with:\n{_log_tail(home)}")
+
+
+def stop(home: Path, timeout: float = 30.0) -> dict | None:
+    """Stop this PREFECT_HOME's background server; its state, or None if none was running."""
+    with FileLock(str(home / LOCK), timeout=timeout):
+        state = read_state(home)
+        if not state:
+            return None
+        pid = int(state["pid"])
+        if _is_ours(pid):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _is_ours(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        (home / STATE).unlink(missing_ok=True)
+        return state
+
+
+def _spawn(home: Path, port: int, idle_seconds: float) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    url = f"http://{HOST}:{port}/api"
+    env.update(PREFECT_SERVER_API_HOST=HOST, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_UI_API_URL=url,
+               PREFECT_SERVER_LOGGING_LEVEL=env.get("PREFECT_SERVER_LOGGING_LEVEL", "WARNING"))
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with open(home / LOG, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", MODULE, "--port", str(port), "--idle-seconds", str(idle_seconds),
+                                 "--home", str(home)],
+                                env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # not in the CLI's process group: Ctrl-C there must not stop it
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if healthy(url, timeout=1.0):
+            return True
+        time.sleep(0.1)
+    process.terminate()
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _is_ours(pid: int) -> bool:
+    """The process is alive and is this module's server (a recycled pid is left alone)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return sys.platform != "linux"
+    return MODULE.encode() in cmdline
+
+
+def _log_tail(home: Path, chars: int = 3000) -> str:
+    try:
+        return (home / LOG).read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+# -- the server process ------------------------------------------------------------------------------------
+class Activity:
+    """ASGI middleware: when the last request or connection ended (0 idle while any is open)."""
+
+    def __init__(self, app):
+        self.app, self.open, self.last = app, 0, time.monotonic()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        self.open += 1
+        self.last = time.monotonic()
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
+            self.last = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        return 0.0 if self.open else time.monotonic() - self.last
+
+
+def serve(port: int, idle_seconds: float, home: Path) -> None:
+    """Prefect's server app (as `prefect server start`) on 127.0.0.1:port, until idle for idle_seconds or SIGTERM."""
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    activity = Activity(create_app(final=True))
+    server = uvicorn.Server(uvicorn.Config(activity, host=HOST, port=port, log_level="warning", lifespan="on"))
+
+    def stop_when_idle() -> None:
+        while not server.should_exit:
+            time.sleep(min(10.0, max(idle_seconds / 4, 0.2)))
+            if activity.idle_seconds() < idle_seconds:
+                continue
+            try:  # under the lock, so that no command picks this server while it stops
+                with FileLock(str(home / LOCK), timeout=0):
+                    if activity.idle_seconds() >= idle_seconds:
+                        state = read_state(home)
+                        if state and int(state["pid"]) == os.getpid():
+                            (home / STATE).unlink(missing_ok=True)
+                        server.should_exit = True
+            except Timeout:
+                continue  # a command is checking this server right now: it is not idle
+
+    threading.Thread(target=stop_when_idle, name="idle-stop", daemon=True).start()
+    server.run()
+    state = read_state(home)
+    if state and int(state["pid"]) == os.getpid():
+        (home / STATE).unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The background Prefect server of newsgroups-lstm (see module doc).")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--idle-seconds", type=float, default=900.0)
+    parser.add_argument("--home", type=Path, required=True, help="the PREFECT_HOME whose state file names this server")
+    args = parser.parse_args()
+    serve(args.port, args.idle_seconds, args.home)
+
+
+if __name__ == "__main__":
+    main()
