@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
+    _add_predict_parser(sub, common, add_home)
+    _add_server_parser(sub, common)
+    return parser
+
+
+def _add_predict_parser(sub, common: argparse.ArgumentParser, add_home) -> None:
     predict = sub.add_parser("predict", parents=[common], help="classify texts with a trained run",
                              description="Classify texts given as arguments, files (--file) or stdin ('-').")
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify; '-' reads stdin")
@@ -255,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(predict)
     predict.set_defaults(func=cmd_predict)
 
+
+def _add_server_parser(sub, common: argparse.ArgumentParser) -> None:
     server = sub.add_parser("server", parents=[common], help="the local Prefect server that `run` starts and reuses",
                             description=f"Without PREFECT_API_URL, `run` starts a Prefect server (API + UI) in the "
                                         f"background and later commands reuse it; it stops after ${IDLE_ENV} "
@@ -263,7 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("action", nargs="?", choices=("status", "start", "stop"), default="status",
                         help="status (default): its UI address; start: start it now; stop: stop it")
     server.set_defaults(func=cmd_server)
-    return parser
 
 
 def _quiet_defaults(verbose: bool, debug: bool) -> None:

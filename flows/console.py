@@ -53,8 +53,9 @@ class Counts(ProgressColumn):
 class Bars(logging.Handler):
     """Rich progress bars on the terminal; other records as lines above them. The display starts with the first bar."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Console | None = None) -> None:
         super().__init__()
+        self._console = console or Console(stderr=True)
         self._progress: Progress | None = None
         self._rows: dict[str, tuple] = {}  # task name -> (rich task id, description)
         self._lock = threading.Lock()
@@ -100,7 +101,7 @@ class Bars(logging.Handler):
         if self._progress is None:
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), Counts(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True, redirect_stdout=False, redirect_stderr=True,
+                console=self._console, transient=True, redirect_stdout=False, redirect_stderr=True,
             )
             self._progress.start()
         return self._progress

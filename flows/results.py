@@ -95,16 +95,17 @@ def summary_markdown(report: dict, evaluation: ArtifactRef, config: dict | None,
              f"- test documents: {m['documents']} in {m.get('classes', len(report['per_class']))} groups",
              f"- evaluation: `{evaluation.uri}`"]
     if t:
-        lines.append(f"- training: {t.get('epochs_run')} epochs, best epoch {t.get('best_epoch')} "
+        epochs = t.get("epochs_run")
+        lines.append(f"- training: {epochs} epoch{'' if epochs == 1 else 's'}, best epoch {t.get('best_epoch')} "
                      f"(validation accuracy {t.get('best_val_accuracy') or 0:.4f}), {t.get('seconds', 0):.0f} s on "
                      f"{t.get('device_name') or t.get('device')} ({t.get('backend')} backend)")
     if trained_by:
         lines.append(f"- trained by {trained_by}")
     lines += ["", "## Sources", ""]
-    if report["sources"]:
-        lines += ["| file | URL | sha256 | pinned |", "| --- | --- | --- | --- |"]
-        lines += [f"| {s['file']} | {s['url']} | `{s['sha256']}` | {'yes' if s['pinned'] else 'no (recorded)'} |"
-                  for s in report["sources"]]
+    if report["sources"]:  # a list, not a table: a URL and a sha256 side by side overflow the page
+        for s in report["sources"]:
+            pinned = "pinned" if s["pinned"] else "not pinned: the sha256 it had when fetched"
+            lines += [f"- **{s['file']}** from `{s['url']}`", f"  sha256 `{s['sha256']}` ({pinned})"]
     else:
         lines.append("(no download manifests in the lineage of this evaluation)")
     lines += ["", "## Per group", "", "| group | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]

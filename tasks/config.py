@@ -114,7 +114,8 @@ class EmbeddingsConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    """Model and training. The field defaults ARE the `default` preset; `seed` is in TRAIN_PRESETS."""
+    """Model and training. The defaults are the `default` preset (best accuracy); the `seed` preset (TRAIN_PRESETS)
+    sets the original recipe's values."""
 
     preset: Literal["default", "seed"] = Field(
         "default", description="Label of the preset these values came from (set by --preset; changing it alone "
@@ -174,18 +175,19 @@ class EvaluateConfig(_Frozen):
 
 
 class PipelineConfig(_Frozen):
-    """Everything a run depends on; each step receives only its own part, and its artifact key hashes that part."""
+    """Everything a run depends on; each step receives only its own part, and its artifact key hashes that part.
+    (The sections' descriptions are their classes' docstrings.)"""
 
     data_home: str | None = Field(None, description="Where the artifacts are kept: a directory or an object-store URI "
                                                     "(s3://bucket/prefix). Empty: $NEWSGROUPS_LSTM_HOME, else "
                                                     "~/.cache/newsgroups-lstm.")
-    sources: SourcesConfig = Field(SourcesConfig(), description=SourcesConfig.__doc__)
-    corpus: CorpusConfig = Field(CorpusConfig(), description=CorpusConfig.__doc__)
-    glove: GloveConfig = Field(GloveConfig(), description=GloveConfig.__doc__)
-    tokenize: TokenizeConfig = Field(TokenizeConfig(), description=TokenizeConfig.__doc__)
-    embeddings: EmbeddingsConfig = Field(EmbeddingsConfig(), description=EmbeddingsConfig.__doc__)
-    train: TrainConfig = Field(TrainConfig(), description=TrainConfig.__doc__)
-    evaluate: EvaluateConfig = Field(EvaluateConfig(), description=EvaluateConfig.__doc__)
+    sources: SourcesConfig = SourcesConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    glove: GloveConfig = GloveConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def with_preset(cfg: PipelineConfig, name: str) -> PipelineConfig:

@@ -316,14 +316,12 @@ def fit_classifier(
     log: logging.Logger | logging.LoggerAdapter | None = None,
     on_batch: Callable[..., None] | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
-    """Train on `sequences` (a validation slice of them drives early stopping); resume from work_dir.
-    `on_batch`, if given, is called after every batch (BatchProgress).
+    """Train on `sequences` (a validation slice drives early stopping); resume from work_dir; `on_batch`: BatchProgress.
 
     Returns (classifier with the best validation weights, per-epoch history, summary).
     Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
     """
-    log = log or logging.getLogger(PACKAGE)
-    labels = np.asarray(labels, dtype=np.int32)
+    log, labels = log or logging.getLogger(PACKAGE), np.asarray(labels, dtype=np.int32)
     check_inputs(matrix, sequences, labels, n_classes)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
