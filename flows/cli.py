@@ -34,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import build_config
 
     config = build_config([read_config_file(path) for path in args.config], args.overrides, args.preset, args.data_home)
-    with prefect_api() as api:
+    with prefect_api(started_early=start_local_api_early()) as api:
         from flows.pipeline import pipeline
 
         summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
@@ -53,7 +53,6 @@ DEFAULT_IDLE_MINUTES = 15.0
 class Api:
     kind: str  # "configured" (PREFECT_API_URL), "local" (the background server) or "temporary" (Prefect's own)
     url: str | None = None
-    started: bool = False
 
 
 def _idle_seconds() -> float:
@@ -64,37 +63,51 @@ def _idle_seconds() -> float:
         raise UsageError(f"{IDLE_ENV}={raw!r}: expected a number of minutes (0: no background server)") from None
 
 
+def _prefect_home() -> Path:
+    """PREFECT_HOME as Prefect reads it, without importing Prefect (only the environment can set it)."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+def start_local_api_early() -> bool:
+    """Start the local server (if it is not running) before this process imports Prefect, so both start at once.
+    Whether it was started: the profile may turn out to name an API (prefect_api then stops it)."""
+    if os.environ.get("PREFECT_API_URL") or _idle_seconds() <= 0:
+        return False
+    from storage.prefect_api import start
+
+    return start(_prefect_home(), _idle_seconds())[1]
+
+
 @contextmanager
-def prefect_api():
+def prefect_api(started_early: bool = False):
     """The API the flow reports to: PREFECT_API_URL if set (environment or profile), else the local background
     server (storage.prefect_api, reused between commands), else with NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=0
     Prefect's temporary one (started and stopped by this process)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield Api("configured", PREFECT_API_URL.value())
-        return
-    idle = _idle_seconds()
-    if idle <= 0:
-        yield Api("temporary")
-        return
-    from storage.prefect_api import local_api
-
-    home = Path(PREFECT_HOME.value()).expanduser()
-    if not (home / "prefect.db").exists():
-        logging.getLogger(PROGRESS_LOGGER).info("starting a local Prefect server (the first start creates its "
-                                                "database in %s; later commands reuse the server)", home)
-    url, started = local_api(home, idle)
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield Api("local", url, started)
-
-
-def cmd_server(args: argparse.Namespace) -> int:
-    from prefect.settings import PREFECT_HOME
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from storage import prefect_api as local
 
-    home = Path(PREFECT_HOME.value()).expanduser()
+    if PREFECT_API_URL.value():
+        if started_early:
+            local.stop(_prefect_home())
+        yield Api("configured", PREFECT_API_URL.value())
+        return
+    if _idle_seconds() <= 0:
+        yield Api("temporary")
+        return
+    home = _prefect_home()
+    if not (home / "prefect.db").exists():
+        logging.getLogger(PROGRESS_LOGGER).info("starting a local Prefect server (the first start creates its "
+                                                "database in %s; later commands reuse the server)", home)
+    url = local.local_api(home, _idle_seconds())
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield Api("local", url)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from storage import prefect_api as local
+
+    home = _prefect_home()
     if args.action == "stop":
         state = local.stop(home)
         print(f"stopped the local Prefect server at {state['url']}" if state else "no local Prefect server running")

@@ -9,7 +9,7 @@ on 127.0.0.1, the same database in PREFECT_HOME), and later commands reuse it wh
 running flow keeps a websocket open; a browser on the UI polls), so nothing is left behind
 for long.
 
-    <PREFECT_HOME>/newsgroups-lstm-api.json    {"pid", "url", "started"} of the running server
+    <PREFECT_HOME>/newsgroups-lstm-api.json    {"pid", "url", "port", ...} of the running server; {"port"} once stopped
     <PREFECT_HOME>/newsgroups-lstm-api.log     its output
     <PREFECT_HOME>/newsgroups-lstm-api.lock    held while a command checks or starts it, and while it stops
 
@@ -48,12 +48,25 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def read_state(home: Path) -> dict | None:
+def _raw_state(home: Path) -> dict:
     try:
         state = json.loads((home / STATE).read_text())
     except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and {"pid", "url"} <= state.keys() else None
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def read_state(home: Path) -> dict | None:
+    """The server last started for `home` ({"pid", "url", "port", "started", "starting"}); None once it stopped."""
+    state = _raw_state(home)
+    return state if {"pid", "url"} <= state.keys() else None
+
+
+def _mark_stopped(home: Path, pid: int) -> None:
+    """Forget the server `pid` (if it is the one recorded), keeping its port: the next one gets the same UI address."""
+    state = read_state(home)
+    if state and int(state["pid"]) == pid:
+        (home / STATE).write_text(json.dumps({"port": state.get("port")}))
 
 
 def running(home: Path) -> dict | None:
@@ -62,26 +75,43 @@ def running(home: Path) -> dict | None:
     return state if state and healthy(state["url"]) else None
 
 
-def local_api(home: Path, idle_seconds: float, timeout: float = 180.0) -> tuple[str, bool]:
-    """(API URL, whether it was started now): the running background server of `home`, else a new one.
+def start(home: Path, idle_seconds: float) -> tuple[dict, bool]:
+    """(state, whether this call started it): the server of `home` that answers or is starting, else a new one.
+
+    Does not wait for it to answer (local_api does): a command starts it first thing and imports Prefect meanwhile.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / LOCK), timeout=60):
+        state = read_state(home)
+        if state and (healthy(state["url"], timeout=1.0) or (state.get("starting") and _is_ours(int(state["pid"])))):
+            return state, False
+        last = _raw_state(home).get("port")
+        ports = [last] if isinstance(last, int) else []  # the same UI address as last time, if free
+        port = next(p for p in [*ports, _free_port()] if _port_free(p))
+        process = _spawn(home, port, idle_seconds)
+        state = {"pid": process.pid, "url": f"http://{HOST}:{port}/api", "port": port, "started": time.time(),
+                 "starting": True}
+        (home / STATE).write_text(json.dumps(state))
+        return state, True
+
+
+def local_api(home: Path, idle_seconds: float, timeout: float = 180.0) -> str:
+    """The API URL of the server of `home`, started if none answers, once it answers.
 
     A first start on a fresh PREFECT_HOME creates the database (up to a minute on a slow disk).
     """
-    home.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home / LOCK), timeout=timeout):
-        if state := running(home):
-            return state["url"], False
-        previous = read_state(home)
-        preferred = [previous["port"]] if previous and previous.get("port") else []
-        for port in [*preferred, _free_port(), _free_port()]:
-            if not _port_free(port):
-                continue
-            process = _spawn(home, port, idle_seconds)
-            url = f"http://{HOST}:{port}/api"
-            if _wait_healthy(url, process, timeout):
-                (home / STATE).write_text(json.dumps({"pid": process.pid, "url": url, "port": port, "started": time.time()}))
-                return url, True
-        raise PipelineError(f"the local Prefect server did not start; its log {home / LOG} ends with:\n{_log_tail(home)}")
+    deadline = time.monotonic() + timeout
+    for _attempt in range(3):
+        state, _ = start(home, idle_seconds)
+        while time.monotonic() < deadline and _is_ours(int(state["pid"])):
+            if healthy(state["url"], timeout=1.0):
+                return state["url"]
+            time.sleep(0.1)
+        if time.monotonic() >= deadline:
+            break
+        # it exited while starting (e.g. another process took its port): start another
+    raise PipelineError(f"the local Prefect server did not answer within {timeout:.0f} s; its log {home / LOG} ends "
+                        f"with:\n{_log_tail(home)}")
 
 
 def stop(home: Path, timeout: float = 30.0) -> dict | None:
@@ -96,7 +126,7 @@ def stop(home: Path, timeout: float = 30.0) -> dict | None:
             deadline = time.monotonic() + timeout
             while _is_ours(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-        (home / STATE).unlink(missing_ok=True)
+        _mark_stopped(home, pid)
         return state
 
 
@@ -111,18 +141,6 @@ def _spawn(home: Path, port: int, idle_seconds: float) -> subprocess.Popen:
                                  "--home", str(home)],
                                 env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # not in the CLI's process group: Ctrl-C there must not stop it
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        if healthy(url, timeout=1.0):
-            return True
-        time.sleep(0.1)
-    process.terminate()
-    return False
 
 
 def _free_port() -> int:
@@ -198,18 +216,14 @@ def serve(port: int, idle_seconds: float, home: Path) -> None:
             try:  # under the lock, so that no command picks this server while it stops
                 with FileLock(str(home / LOCK), timeout=0):
                     if activity.idle_seconds() >= idle_seconds:
-                        state = read_state(home)
-                        if state and int(state["pid"]) == os.getpid():
-                            (home / STATE).unlink(missing_ok=True)
+                        _mark_stopped(home, os.getpid())
                         server.should_exit = True
             except Timeout:
                 continue  # a command is checking this server right now: it is not idle
 
     threading.Thread(target=stop_when_idle, name="idle-stop", daemon=True).start()
     server.run()
-    state = read_state(home)
-    if state and int(state["pid"]) == os.getpid():
-        (home / STATE).unlink(missing_ok=True)
+    _mark_stopped(home, os.getpid())
 
 
 def main() -> None:
