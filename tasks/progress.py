@@ -86,6 +86,12 @@ class Reporter:
             share = overall if overall is not None else (done / total if total else 0.0)
             self.artifact = _progress_artifact(self.artifact, 100.0 * min(1.0, share), text)
 
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(completed=kind is None)
+
     def close(self, completed: bool = True) -> None:
         """The work is over: the bar goes; a completed task's progress artifact shows 100%."""
         event = self.last_event or {"task": self.task, "done": 0, "total": None, "unit": self.unit, "phase": None}

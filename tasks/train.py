@@ -111,24 +111,19 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     max_length = int(rules.get("max_length") or max(len(s) for s in sequences) or 1)
     names = label_names(store, tokens, int(labels.max()) + 1)
 
-    reporter = Reporter(STEP.name, "batches")
-
     def report(epoch: int, epochs: int, batch: int, batches: int, loss: float | None) -> None:
         reporter.update(batch, batches, phase=f"epoch {epoch}/{epochs}", overall=(epoch - 1 + batch / batches) / epochs,
                         **({"loss": loss} if loss is not None else {}))
 
-    trained = False
     try:
-        model, history, summary = fit_classifier(
-            cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
-            len(names), max_length, store.work_dir(STEP.name, key), log, on_batch=report,
-        )
-        trained = True
+        with Reporter(STEP.name, "batches") as reporter:
+            model, history, summary = fit_classifier(
+                cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
+                len(names), max_length, store.work_dir(STEP.name, key), log, on_batch=report,
+            )
     except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
         kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged}.get(type(exc), PipelineError)
         raise kind(str(exc)) from exc
-    finally:
-        reporter.close(completed=trained)
     model.save(out.path("model.keras"))
     out.write_parquet("history.parquet", history_table(history), HISTORY)
     plot_curves(history, out.path("curves.png"), title=f"run {key} ({cfg.preset} preset)")
