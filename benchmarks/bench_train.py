@@ -210,6 +210,7 @@ def baselines(d: dict, sequences: list[np.ndarray]) -> dict:
 
 # -- the models -------------------------------------------------------------------------------------------
 def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> dict:
+    from storage.checkpoints import CheckpointDir
     from tasks.model import fit_classifier, predict_proba
 
     train_rows = np.flatnonzero(~d["is_test"])
@@ -219,7 +220,7 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
         started = time.perf_counter()
         classifier, history, summary = fit_classifier(
             SimpleNamespace(**cfg), [sequences[i] for i in train_rows], labels[train_rows], d["matrix"], len(d["groups"]),
-            RECIPE["max_length"], work, _Printer(),
+            RECIPE["max_length"], CheckpointDir(work), _Printer(),
         )
         train_seconds = time.perf_counter() - started
     started = time.perf_counter()

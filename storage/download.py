@@ -4,7 +4,7 @@ The bytes go to `<dest>.part` (resumable with Range + If-Range across attempts a
 are hashed while they stream, and become `dest` only after the size and sha256 check
 passes; a `.part` that already has the pinned sha256 is accepted without a request.
 Transient failures (timeouts, resets, stalls, trickles, 5xx, 429) are retried here with
-exponential backoff and jitter (Prefect adds no jitter to task retries, RELIABILITY 0.6),
+exponential backoff and jitter (Prefect adds no jitter to task retries),
 within a per-source deadline and with Retry-After capped; permanent ones (404/403/410, TLS
 errors, checksum mismatch, a body over the size cap) fail at once. A host that does not
 resolve or refuses connections gets one quick second try, then the next mirror; when every

@@ -49,7 +49,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return Path(path).read_bytes()
 
 
-def read_text(path: str | os.PathLike) -> str:
+def read_document(path: str | os.PathLike) -> str:
     """A user's text file, decoded as UTF-8 (undecodable bytes become U+FFFD)."""
     return Path(path).read_text(encoding="utf-8", errors="replace")
 

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.checkpoints import CheckpointDir
 from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 from storage.files import Staging
 from storage.schemas import DOCUMENTS, SEQUENCES
@@ -39,7 +40,6 @@ HISTORY = pa.schema(
         ("expert_val_accuracy", pa.list_(pa.float64())),
     ]
 )
-RUN_FILES = ("model.keras", "history.parquet", "curves.png", "labels.json", "vocab.parquet", "tokenizer.json")
 
 
 # -- pure functions ---------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
         with Reporter(STEP.name, "batches") as reporter:
             model, history, summary = fit_classifier(
                 cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
-                len(names), max_length, store.work_dir(STEP.name, key), log, on_batch=report,
+                len(names), max_length, CheckpointDir(store.work_dir(STEP.name, key)), log, on_batch=report,
             )
     except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
         kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged}.get(type(exc), PipelineError)

@@ -46,7 +46,8 @@ def check_inputs(matrix: np.ndarray, sequences: Sequence[np.ndarray], labels: np
         raise ModelInputError(f"labels span {labels.min()}..{labels.max()}, expected 0..{n_classes - 1}")
 
 
-def build_model(cfg: TrainConfig, matrix: np.ndarray, n_classes: int, idf: np.ndarray | None = None) -> tuple[keras.Model, keras.Model]:
+def build_model(cfg: TrainConfig, matrix: np.ndarray, n_classes: int,
+                idf: np.ndarray | None = None) -> tuple[keras.Model, keras.Model]:
     """(training model, classifier) sharing their layers.
 
     Inputs of both: {"ids": (batch, steps) int32 right-padded, "lengths": (batch,) int32}.

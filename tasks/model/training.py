@@ -14,14 +14,10 @@ probabilities, and the product of experts' log-loss (not the training loss) driv
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import keras
@@ -37,7 +33,6 @@ from tasks.model.model import build_model, check_inputs, compile_model, predict_
 if TYPE_CHECKING:  # any object with TrainConfig's attributes works (the GPU benchmark runs without pydantic)
     from tasks.config import TrainConfig
 
-_CKPT_PREFIX = "ckpt-"
 
 
 def _finite(value) -> bool:
@@ -99,9 +94,9 @@ class DivergenceGuard(keras.callbacks.TerminateOnNaN):
     It runs before EpochCheckpoint, so a diverged epoch leaves no checkpoint and no best weights.
     """
 
-    def __init__(self, learning_rate: float, work_dir: Path):
+    def __init__(self, learning_rate: float, checkpoints):
         super().__init__(raise_error=True)
-        self.learning_rate, self.work_dir, self.epoch = learning_rate, work_dir, 0
+        self.learning_rate, self.checkpoints, self.epoch = learning_rate, checkpoints, 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -113,14 +108,14 @@ class DivergenceGuard(keras.callbacks.TerminateOnNaN):
             raise TrainingDiverged(
                 f"training loss became {float(logs['loss'])} at epoch {self.epoch + 1}, batch {batch + 1}: "
                 f"lower learning_rate (now {self.learning_rate}) or check the embedding matrix for NaN/inf; "
-                f"the last good checkpoint stays in {self.work_dir}"
+                f"the last good checkpoint stays in {self.checkpoints}"
             ) from exc
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if not (_finite(logs.get("loss")) and _finite(logs.get("val_loss"))):
             raise TrainingDiverged(f"epoch {epoch + 1} ended with loss {logs.get('loss')} or non-finite predictions; "
-                                   f"the last good checkpoint stays in {self.work_dir}")
+                                   f"the last good checkpoint stays in {self.checkpoints}")
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -149,20 +144,18 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Appends the epoch's history row, then makes the epoch a directory ckpt-<epoch>/ in `work_dir`.
-
-    It holds the full training state (weights + optimizer), the best classifier weights so far
-    (best.npz) and progress.json (history, whether early stopping ended the training). It is written
-    under a temporary name and renamed, and the previous one is kept, so a run killed at any moment
-    resumes from its last complete epoch (restore_checkpoint). Keras' BackupAndRestore does not do
+    """Appends the epoch's history row, then checkpoints the epoch (storage.checkpoints.CheckpointDir or any
+    object with its save/restore/best_weights methods): the full training state (weights + optimizer), the
+    best classifier weights so far and the progress (history, whether early stopping ended the training),
+    so a run killed at any moment resumes from its last complete epoch. Keras' BackupAndRestore does not do
     this: it rewrites one weights file in place and its epoch counter next to it, keeps neither
     history nor best weights, and deletes its backup when fit returns.
     """
 
-    def __init__(self, cfg: TrainConfig, work_dir: Path, classifier: keras.Model, history: list[dict],
+    def __init__(self, cfg: TrainConfig, checkpoints, classifier: keras.Model, history: list[dict],
                  early_stopping: ResumableEarlyStopping, log):
         super().__init__()
-        self.cfg, self.work_dir, self.classifier, self.history = cfg, work_dir, classifier, history
+        self.cfg, self.checkpoints, self.classifier, self.history = cfg, checkpoints, classifier, history
         self.early_stopping, self.log, self.started = early_stopping, log, time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -190,26 +183,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         )
 
     def _save(self, epoch: int, improved: bool, stopped: bool) -> None:
-        staging = self.work_dir / f".{_CKPT_PREFIX}tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        self.model.save_weights(staging / "state.weights.h5")
-        previous = _checkpoints(self.work_dir)
-        if improved:
-            np.savez(staging / "best.npz", *self.classifier.get_weights())
-        elif previous and (previous[0] / "best.npz").exists():
-            try:  # a hard link: the best weights are not rewritten every epoch
-                os.link(previous[0] / "best.npz", staging / "best.npz")
-            except OSError:
-                shutil.copyfile(previous[0] / "best.npz", staging / "best.npz")
         progress = {"epoch": epoch, "best_epoch": self.early_stopping.best_epoch + 1, "stopped": stopped,
                     "history": self.history}
-        (staging / "progress.json").write_text(json.dumps(progress))
-        target = self.work_dir / f"{_CKPT_PREFIX}{epoch:04d}"
-        shutil.rmtree(target, ignore_errors=True)  # only ever an unreadable one we resumed past
-        os.rename(staging, target)
-        for old in previous[1:]:  # keep the newest two: the new one and its predecessor
-            shutil.rmtree(old, ignore_errors=True)
+        best = self.classifier.get_weights() if improved else None
+        self.checkpoints.save(epoch, lambda path: self.model.save_weights(path), best, progress)
 
 
 class BatchProgress(keras.callbacks.Callback):
@@ -229,34 +206,14 @@ class BatchProgress(keras.callbacks.Callback):
                     loss=None if loss is None else float(loss))
 
 
-# -- checkpoints ------------------------------------------------------------------------------------------
-def _checkpoints(work_dir: Path) -> list[Path]:
-    """Finished-epoch checkpoints, newest first."""
-    return sorted((p for p in work_dir.glob(f"{_CKPT_PREFIX}*") if p.is_dir()), reverse=True)
+def restore_checkpoint(model: keras.Model, checkpoints, log) -> dict:
+    """Load the newest loadable checkpoint into `model`; its progress, {} when there is none."""
+    def read_state(path) -> None:
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(path)
 
-
-def restore_checkpoint(model: keras.Model, work_dir: Path, log) -> dict:
-    """Load the newest loadable checkpoint into `model`; its progress (with "dir"), {} when there is none."""
-    for ckpt in _checkpoints(work_dir):
-        try:
-            progress = json.loads((ckpt / "progress.json").read_text())
-            if not model.optimizer.built:
-                model.optimizer.build(model.trainable_variables)
-            model.load_weights(ckpt / "state.weights.h5")
-        except Exception as exc:  # noqa: BLE001 - a torn checkpoint: fall back to the previous one
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt.name, exc)
-            shutil.rmtree(ckpt, ignore_errors=True)
-            continue
-        return {**progress, "dir": ckpt}
-    return {}
-
-
-def load_best_weights(classifier: keras.Model, work_dir: Path) -> None:
-    """The best epoch's classifier weights, from the newest checkpoint (kept as they are if there is none)."""
-    final = _checkpoints(work_dir)
-    if final and (final[0] / "best.npz").exists():
-        with np.load(final[0] / "best.npz") as best:
-            classifier.set_weights([best[f"arr_{i}"] for i in range(len(best.files))])
+    return checkpoints.restore(read_state, log)
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
@@ -312,19 +269,18 @@ def fit_classifier(
     matrix: np.ndarray,
     n_classes: int,
     max_length: int,
-    work_dir: str | os.PathLike,
+    checkpoints,
     log: logging.Logger | logging.LoggerAdapter | None = None,
     on_batch: Callable[..., None] | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
-    """Train on `sequences` (a validation slice drives early stopping); resume from work_dir; `on_batch`: BatchProgress.
+    """Train on `sequences` (a validation slice of them drives early stopping); resume from `checkpoints`
+    (a storage.checkpoints.CheckpointDir: this package never touches files itself); `on_batch`: BatchProgress.
 
     Returns (classifier with the best validation weights, per-epoch history, summary).
     Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
     """
     log, labels = log or logging.getLogger(PACKAGE), np.asarray(labels, dtype=np.int32)
     check_inputs(matrix, sequences, labels, n_classes)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
 
     fit_rows, val_rows = validation_split(labels, cfg.validation_fraction, cfg.seed)
@@ -334,10 +290,10 @@ def fit_classifier(
     train_data = BucketedBatches(fit_sequences, labels[fit_rows], batch_size=cfg.batch_size, max_length=max_length,
                                  seed=cfg.seed, multiple=length_multiple(), targets=experts)
     compile_model(training_model, cfg, len(train_data))
-    progress = restore_checkpoint(training_model, work_dir, log)
+    progress = restore_checkpoint(training_model, checkpoints, log)
     history, initial_epoch = list(progress.get("history", [])), progress.get("epoch", 0)
     if progress:
-        log.info("resuming from %s: %d of %d epochs done", progress["dir"].name, initial_epoch, cfg.epochs)
+        log.info("resuming from %s: %d of %d epochs done", progress["name"], initial_epoch, cfg.epochs)
     info = device_info()
     log.info("training on %s (%s, keras %s backend): %d train / %d validation documents, %d batches per epoch, %d experts",
              info["device_name"], info["device"], info["backend"], len(fit_rows), len(val_rows), len(train_data), experts)
@@ -347,15 +303,16 @@ def fit_classifier(
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: train_data.set_epoch(epoch)),
         EmbeddingWarmup(cfg.unfreeze_embeddings_after),
         ExpertWeightsFit(classifier, [sequences[i] for i in val_rows], labels[val_rows], max_length),
-        DivergenceGuard(cfg.learning_rate, work_dir),
+        DivergenceGuard(cfg.learning_rate, checkpoints),
         early_stopping,
-        EpochCheckpoint(cfg, work_dir, classifier, history, early_stopping, log),
+        EpochCheckpoint(cfg, checkpoints, classifier, history, early_stopping, log),
         *([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else []),
     ]
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not progress.get("stopped"):
-        _fit(training_model, train_data, cfg, initial_epoch, callbacks, info, work_dir)
-    load_best_weights(classifier, work_dir)
+        _fit(training_model, train_data, cfg, initial_epoch, callbacks, info, checkpoints)
+    if (best := checkpoints.best_weights()) is not None:
+        classifier.set_weights(best)
     return classifier, history, {
         **info,
         **_history_summary(history),
@@ -368,7 +325,7 @@ def fit_classifier(
 
 
 def _fit(model: keras.Model, data: BucketedBatches, cfg: TrainConfig, initial_epoch: int, callbacks: list, info: dict,
-         work_dir: Path) -> None:
+         checkpoints) -> None:
     """model.fit, with out-of-memory (however the backend reports it) as OutOfDeviceMemory naming what to lower."""
     try:
         model.fit(data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
@@ -378,7 +335,7 @@ def _fit(model: keras.Model, data: BucketedBatches, cfg: TrainConfig, initial_ep
         raise OutOfDeviceMemory(
             f"{info['device']} out of memory training with batch_size={cfg.batch_size} on {info['device_name']} "
             f"({type(exc).__name__}); lower train.batch_size or train.lstm_max_tokens. "
-            f"Finished epochs are kept in {work_dir} and the next run resumes from them"
+            f"Finished epochs are kept in {checkpoints} and the next run resumes from them"
         ) from exc
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from storage.checkpoints import CheckpointDir
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 from tasks.config import PipelineConfig, TrainConfig, with_preset
@@ -152,10 +153,10 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
     sequences, labels, matrix = synthetic_sequences()
     cfg = tiny_config(epochs=2)
-    _, _, first = fit_classifier(cfg, sequences, labels, matrix, 3, 30, tmp_path)
+    _, _, first = fit_classifier(cfg, sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert first["epochs_run"] == 2
     (tmp_path / "ckpt-0002" / "state.weights.h5").write_bytes(b"torn")  # e.g. a disk-full write
-    _, history, again = fit_classifier(cfg.model_copy(update={"epochs": 3}), sequences, labels, matrix, 3, 30, tmp_path)
+    _, history, again = fit_classifier(cfg.model_copy(update={"epochs": 3}), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert again["resumed_from_epoch"] == 1
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
@@ -168,7 +169,7 @@ def test_nan_loss_fails_with_training_diverged_and_keeps_no_checkpoint(tmp_path,
     matrix[1:] = np.nan  # what a corrupt vectors file would give
     monkeypatch.setattr(training, "check_inputs", lambda *a: None)  # get past the up-front check to the training guard
     with pytest.raises(training.TrainingDiverged, match="lower learning_rate"):
-        training.fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp_path)
+        training.fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert not list(tmp_path.glob("ckpt-*")), "no checkpoint (and no best weights) from a diverged epoch"
 
 
@@ -185,7 +186,7 @@ def test_matrix_that_does_not_match_the_vocabulary_is_rejected_before_building(t
 
     sequences, labels, matrix = synthetic_sequences(vocab=30)
     with pytest.raises(ModelInputError, match="rows"):
-        fit_classifier(tiny_config(), sequences, labels, matrix[:10], 3, 30, tmp_path)
+        fit_classifier(tiny_config(), sequences, labels, matrix[:10], 3, 30, CheckpointDir(tmp_path))
 
 
 # -- empty documents, padding and bucketing -------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_batches_holding_empty_documents_train_without_nan(tmp_path, architectur
     ids, lengths = pad_batch([sequences[0], sequences[25]], 30)
     assert lengths[0] == 1 and ids[0, 0] == 0, "an empty document becomes one padding step, never a fully-masked row"
     cfg = tiny_config(architecture=architecture, batch_size=64, epochs=1)  # one batch holds all of them
-    classifier, history, _ = fit_classifier(cfg, sequences, labels, matrix, 3, 30, tmp_path)
+    classifier, history, _ = fit_classifier(cfg, sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert np.isfinite(history[0]["loss"]) and np.isfinite(history[0]["val_loss"])
     probs = predict_proba(classifier, [np.zeros(0, np.int32), sequences[30]], 30)
     assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
@@ -208,7 +209,7 @@ def test_predictions_do_not_depend_on_the_padding_of_the_batch(tmp_path):
     from tasks.model import fit_classifier, predict_proba
 
     sequences, labels, matrix = synthetic_sequences(n=60)
-    classifier, _, _ = fit_classifier(tiny_config(epochs=1), sequences, labels, matrix, 3, 30, tmp_path)
+    classifier, _, _ = fit_classifier(tiny_config(epochs=1), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     short, long_ = sequences[3][:4], np.arange(1, 29, dtype=np.int32)
     alone = predict_proba(classifier, [short], 30)
     padded = predict_proba(classifier, [short, long_], 30)  # one batch, padded to 28 steps
@@ -299,11 +300,12 @@ BACKEND_SMOKE = textwrap.dedent(
     """
     import sys, tempfile
     import numpy as np
+    from storage.checkpoints import CheckpointDir
     from tasks.model import fit_classifier, load_model, predict_proba
     from tests.tasks._training_data import synthetic_sequences, tiny_config
     sequences, labels, matrix = synthetic_sequences(n=60, empty=5)
     with tempfile.TemporaryDirectory() as tmp:
-        classifier, history, summary = fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp)
+        classifier, history, summary = fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, CheckpointDir(tmp))
         assert summary["backend"] == sys.argv[1], summary
         assert all(np.isfinite(h["loss"]) for h in history)
         probs = predict_proba(classifier, sequences[:10], 30)
@@ -335,7 +337,7 @@ def test_out_of_memory_is_reported_as_a_batch_size_problem(tmp_path, monkeypatch
     monkeypatch.setattr(keras.Model, "fit", oom)
     sequences, labels, matrix = synthetic_sequences()
     with pytest.raises(OutOfDeviceMemory, match="batch_size=16"):
-        fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp_path)
+        fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
 
 
 @pytest.mark.parametrize("raised, expected", [
