@@ -26,6 +26,7 @@ from storage.files import read_bytes
 from tasks.evaluate import CONFUSION, PER_CLASS
 from tasks.train import HISTORY
 
+KEYS = ("evaluation-summary", "evaluation-per-class", "evaluation-confusion", "training-curves")
 IMAGE_LIMIT = 256 * 1024  # a bigger PNG is linked by its path instead of embedded (every UI visit loads it)
 
 
@@ -40,8 +41,8 @@ def publish_results(store: ArtifactStore, evaluation: ArtifactRef | None, config
         return
     report = read_report(store, evaluation)
     metrics, run = report["metrics"], report["metrics"]["run"]
-    say(f"evaluation of run {run}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-        f"on {metrics['documents']} test documents ({evaluation.uri})")
+    say(f"results of run {run}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on "
+        f"{metrics['documents']} test documents ({evaluation.uri}); artifacts: {', '.join(KEYS)}")
     create_markdown_artifact(summary_markdown(report, evaluation, config, trained_by), key="evaluation-summary",
                              description=f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} of run {run}")
     create_table_artifact(report["per_class"], key="evaluation-per-class", description=f"per-class scores of run {run}")
