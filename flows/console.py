@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -55,7 +56,8 @@ class Bars(logging.Handler):
 
     def __init__(self, console: Console | None = None) -> None:
         super().__init__()
-        self._console = console or Console(stderr=True)
+        self._own_file = None if console else _stderr_copy()
+        self._console = console or (Console(file=self._own_file) if self._own_file else Console(stderr=True))
         self._progress: Progress | None = None
         self._rows: dict[str, tuple] = {}  # task name -> (rich task id, description)
         self._lock = threading.Lock()
@@ -106,13 +108,26 @@ class Bars(logging.Handler):
             self._progress.start()
         return self._progress
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Take the bars down and release the terminal (not close(): logging.config.dictConfig, which Prefect
+        runs when it is imported, closes every existing handler, and this one must keep working)."""
         with self._lock:
             if self._progress is not None:
                 self._progress.stop()
                 self._progress = None
                 self._rows.clear()
-        super().close()
+            if self._own_file is not None:
+                self._own_file.close()
+                self._own_file = None
+
+
+def _stderr_copy():
+    """The terminal as its own file descriptor: the bars keep drawing while fd 2 is captured
+    (tasks/model/native_log.py, during TensorFlow's import)."""
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8")
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (replaced by a test)
+        return None
 
 
 @contextmanager
@@ -127,5 +142,6 @@ def progress_output(terminal: bool | None = None):
         yield
     finally:
         logger.removeHandler(handler)
-        handler.close()
+        if isinstance(handler, Bars):
+            handler.stop()
         logger.propagate = propagate

@@ -54,7 +54,25 @@ def test_two_downloads_get_a_bar_each_and_log_lines_print_above_the_bars():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        handler.close()
+        handler.stop()
+
+
+def test_the_bars_survive_prefect_reconfiguring_logging(tmp_path, monkeypatch):
+    """Importing Prefect runs logging.config.dictConfig, which closes every handler that exists: the bars
+    (set up before Prefect is imported) must keep drawing on their own copy of the terminal."""
+    import functools
+    import logging.config
+
+    terminal = open(tmp_path / "terminal", "w")  # noqa: SIM115 - stands for the user's terminal
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr("flows.console.Console", functools.partial(Console, force_terminal=True, width=120))
+    with progress_output(terminal=True):
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
+        reporter = Reporter("download-x.zip", "B")
+        reporter.update(5_000_000, 10_000_000)
+        reporter.close()
+    terminal.close()
+    assert "download-x.zip" in ANSI.sub("", (tmp_path / "terminal").read_text())
 
 
 def test_without_a_terminal_only_the_periodic_lines_are_printed(monkeypatch):
