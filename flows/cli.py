@@ -73,6 +73,11 @@ def start_local_api_early() -> bool:
     Whether it was started: the profile may turn out to name an API (prefect_api then stops it)."""
     if os.environ.get("PREFECT_API_URL") or _idle_seconds() <= 0:
         return False
+    if "prefect.settings" in sys.modules:  # already loaded (main() called in-process): asking it costs nothing
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return False
     from storage.prefect_api import start
 
     return start(_prefect_home(), _idle_seconds())[1]
