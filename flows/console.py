@@ -103,7 +103,7 @@ class Bars(logging.Handler):
         if self._progress is None:
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), Counts(), TimeRemainingColumn(),
-                console=self._console, transient=True, redirect_stdout=False, redirect_stderr=True,
+                console=self._console, transient=True, redirect_stdout=False, redirect_stderr=True, refresh_per_second=4,
             )
             self._progress.start()
         return self._progress
