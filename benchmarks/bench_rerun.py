@@ -4,9 +4,10 @@
     cold        the same, after that server stopped (idle): this command starts it again
     temporary   NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=0: Prefect's temporary API, started by every command
                 (what every command did before the background server)
+    baseline    with --baseline DIR: the CLI of another checkout (e.g. the main branch), as it is
 
     .venv/bin/python benchmarks/bench_rerun.py --tiny [--runs 3]
-    .venv/bin/python benchmarks/bench_rerun.py --data ../shared/data [--data-home DIR] [--runs 3]
+    .venv/bin/python benchmarks/bench_rerun.py --data ../shared/data [--data-home DIR] [--runs 3] [--baseline ../main]
 
 --data trains the default preset on the local copies of 20news-bydate + GloVe first (minutes on a
 CPU) unless --data-home already holds that run. Each mode's PREFECT_HOME is this script's own.
@@ -55,12 +56,12 @@ def config_for(args, work: Path) -> Path:
     return path
 
 
-def cli(config: Path, prefect_home: Path, *extra: str, idle: str = "15") -> tuple[float, dict]:
+def cli(config: Path, prefect_home: Path, idle: str = "15", checkout: Path = REPO) -> tuple[float, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(REPO), NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=idle)
+    env.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(checkout), NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=idle)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *extra, "run", "-c", str(config), "--json"], env=env,
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", str(config), "--json"], env=env,
+                          cwd=checkout, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"newsgroups-lstm run failed:\n{done.stderr[-3000:]}")
@@ -80,6 +81,7 @@ def main() -> None:
     source.add_argument("--data", type=Path, help="directory with 20news-bydate.tar.gz and glove.6B.zip")
     parser.add_argument("--data-home", type=Path, help="reuse this data home (keeps a trained run between invocations)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="also time this checkout's CLI (e.g. ../main)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-rerun-") as tmp:
@@ -87,18 +89,17 @@ def main() -> None:
         config, prefect_home = config_for(args, work), work / "prefect"
         first_s, summary = cli(config, prefect_home)  # trains unless cached; creates the database; starts the server
         load_before = os.getloadavg()
-        runs: dict[str, list[float]] = {"local": [], "cold": [], "temporary": []}
-        try:
-            for _ in range(args.runs):
-                seconds, summary = cli(config, prefect_home)
-                assert {s["state"] for s in summary["steps"].values()} == {"Cached"}, summary["steps"]
-                runs["local"].append(seconds)
+        runs: dict[str, list[float]] = {"local": [], "cold": [], "temporary": []} | ({"baseline": []} if args.baseline else {})
+        try:  # the modes interleaved, so that a change in the machine's load hits all of them alike
             for _ in range(args.runs):
                 stop_server(prefect_home)
-                runs["cold"].append(cli(config, prefect_home)[0])
-            stop_server(prefect_home)
-            for _ in range(args.runs):
+                if args.baseline:
+                    runs["baseline"].append(cli(config, prefect_home, checkout=args.baseline.resolve())[0])
                 runs["temporary"].append(cli(config, prefect_home, idle="0")[0])
+                runs["cold"].append(cli(config, prefect_home)[0])  # starts the server...
+                seconds, summary = cli(config, prefect_home)  # ...which this one reuses
+                assert {s["state"] for s in summary["steps"].values()} == {"Cached"}, summary["steps"]
+                runs["local"].append(seconds)
         finally:
             stop_server(prefect_home)
         load_after = os.getloadavg()
@@ -106,6 +107,7 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "data": "tiny" if args.tiny else str(args.data), "first_run_s": round(first_s, 2),
+        "baseline": str(args.baseline) if args.baseline else None,
         "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
         "rerun_wall_s": {mode: [round(s, 2) for s in values] for mode, values in runs.items()},
         "rerun_median_s": {mode: round(statistics.median(values), 2) for mode, values in runs.items()},
