@@ -32,6 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import build_config
 
     config = build_config([read_config_file(path) for path in args.config], args.overrides, args.preset, args.data_home)
+    _store(argparse.Namespace(data_home=config.data_home))  # a bad data home fails in a second, before Prefect starts
     from flows.pipeline import pipeline
 
     summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
@@ -40,9 +41,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace):
+    """The data home's store, checked: an unreachable or misconfigured one fails here with one line."""
     from storage.artifacts import ArtifactStore
 
-    return ArtifactStore(args.data_home)
+    store = ArtifactStore(args.data_home)
+    store.check()
+    return store
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -111,6 +115,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(render.predictions(results))
     return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    checked, damaged = store.verify(args.target)
+    if args.target and not checked:
+        raise UsageError(f"no artifact {args.target!r} in {store.root} (list them with `newsgroups-lstm inspect`)")
+    for name, problem, moved_to in damaged:
+        print(f"DAMAGED {name}: {problem}; moved to {moved_to}")
+    print(f"{len(damaged)} of {checked} artifacts in {store.root} damaged (moved aside; the next run rebuilds them)"
+          if damaged else f"{checked} artifacts in {store.root}: every file matches its manifest")
+    return EXIT_FAILED if damaged else EXIT_OK
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -182,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_home(predict)
     predict.set_defaults(func=cmd_predict)
+
+    verify = sub.add_parser("verify", parents=[common], help="re-hash every stored file against its manifest",
+                            description="Check every artifact (or one STEP or STEP/KEY) file by file against the "
+                                        "sha256 in its manifest, ignoring the stamps of earlier checks. A damaged "
+                                        "artifact is moved to <step>/.quarantine/ and rebuilt by the next run. "
+                                        "Exit 0 if all is sound, 1 if anything was damaged.")
+    verify.add_argument("target", nargs="?", metavar="STEP[/KEY]", help="only this step, or this artifact (key prefix)")
+    add_home(verify)
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -43,6 +43,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
     started = time.perf_counter()
     config = with_source_env(config)  # the environment where the flow runs (a worker's own) counts
     run = StepRunner(data_home(config.data_home), until)
+    run.store.check()  # an unreachable or misconfigured data home fails here, before any download
     say(f"data home: {run.home}")
 
     # Both downloads at once; each archive is processed as soon as it is there, GloVe beside the corpus.

@@ -38,6 +38,14 @@ class SchemaMismatch(PipelineError):
     """A stored artifact does not have the Arrow schema this code expects."""
 
 
+class DamagedArtifact(PipelineError):
+    """A stored file does not match its manifest (size or sha256); the artifact was moved to quarantine."""
+
+
+class StoreUnavailable(PipelineError):
+    """The data home cannot be used: unreachable endpoint, missing bucket, bad credentials, not a directory."""
+
+
 class TrainingDiverged(PipelineError):
     """Training produced a NaN/inf loss."""
 
