@@ -32,7 +32,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import build_config
 
     config = build_config([read_config_file(path) for path in args.config], args.overrides, args.preset, args.data_home)
-    _store(argparse.Namespace(data_home=config.data_home))  # a bad data home fails in a second, before Prefect starts
+    from storage.artifacts import ArtifactStore
+
+    ArtifactStore(config.data_home).check()  # a bad data home fails in a second, before Prefect starts
     from flows.pipeline import pipeline
 
     summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)

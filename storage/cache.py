@@ -12,6 +12,7 @@ used in the last GRACE_S seconds (a reader may be about to open them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -27,6 +28,7 @@ from storage.integrity import Damaged, Stamps, mismatch, stat_stamp
 log = logging.getLogger("newsgroups_lstm.progress")  # = tasks.step.PROGRESS_LOGGER: the CLI prints it
 
 GRACE_S = 30.0
+STALE_INCOMING_S = 3600.0
 _DATA = "data"  # the one name in an entry's stamp sidecar
 
 
@@ -85,6 +87,10 @@ class ObjectCache:
         """Delete least recently used entries until the cache fits its cap."""
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / ".evict.lock"), timeout=600):
+            for stale in self.objects.glob("*/.incoming-*"):  # downloads of killed processes (live ones keep writing)
+                with contextlib.suppress(FileNotFoundError):
+                    if stale.stat().st_mtime < time.time() - STALE_INCOMING_S:
+                        stale.unlink()
             entries = sorted(self._entries(), key=lambda e: e[2])  # oldest use first
             total = sum(size for _, size, _ in entries)
             recent = time.time() - GRACE_S
