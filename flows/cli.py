@@ -74,13 +74,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
-    from storage.files import read_text
+    from storage.files import read_document
 
     chunks: list[str] = []
     for path in args.file:
         if not Path(path).is_file():
             raise UsageError(f"text file {path} not found")
-        chunks.append(read_text(path))
+        chunks.append(read_document(path))
     texts = list(args.texts)
     if "-" in texts or (not texts and not chunks and not sys.stdin.isatty()):
         texts = [t for t in texts if t != "-"]

@@ -290,9 +290,9 @@ class ArtifactStore:
     def record_sha256(self, url: str, sha256: str) -> None:
         self.backend.write(self._url_record(url), json.dumps({"url": url, "sha256": sha256}).encode())
 
-    def forget_url(self, url: str) -> None:
-        """Drop what an unpinned URL was recorded to give, so the next run fetches it again."""
-        self.backend.delete(self._url_record(url))
+    def forget_url(self, url: str) -> bool:
+        """Drop what an unpinned URL was recorded to give, so the next run fetches it again; True if recorded."""
+        return self.backend.delete(self._url_record(url))
 
     # -- writing ------------------------------------------------------------------------------------------
     @contextmanager

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401 - pa.ipc
+import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from storage.errors import InputFormatError
@@ -45,7 +45,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def read_text(path: str | os.PathLike) -> str:
+def read_document(path: str | os.PathLike) -> str:
     """A user's text file, decoded as UTF-8 (undecodable bytes become U+FFFD)."""
     return Path(path).read_text(encoding="utf-8", errors="replace")
 

@@ -48,8 +48,13 @@ class LocalHome:
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
-    def delete(self, rel: str) -> None:
-        self._abs(rel).unlink(missing_ok=True)
+    def delete(self, rel: str) -> bool:
+        """Delete a small file; True if it was there."""
+        try:
+            self._abs(rel).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def children(self, rel: str) -> list[str]:
         try:

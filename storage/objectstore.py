@@ -98,11 +98,13 @@ class ObjectHome:
         with self.fs.open_output_stream(self._abs(rel), compression=None) as f:
             f.write(data)
 
-    def delete(self, rel: str) -> None:
+    def delete(self, rel: str) -> bool:
+        """Delete one object; True if it was there."""
         try:
             self.fs.delete_file(self._abs(rel))
         except FileNotFoundError:
-            pass
+            return False
+        return True
 
     def _delete_tree(self, rel: str) -> None:
         try:

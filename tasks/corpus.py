@@ -28,7 +28,8 @@ import pyarrow as pa
 
 from storage.archives import Member, iter_archive
 from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.errors import InputFormatError
+from storage.download import forget_download
+from storage.errors import InputFormatError, PipelineError
 from storage.files import Staging
 from storage.schemas import DOCUMENTS
 from tasks.config import CorpusConfig
@@ -230,7 +231,11 @@ def corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None
     """Read the downloaded corpus archive and publish documents.parquet."""
     def build(store: ArtifactStore, out: Staging) -> dict:
         path = store.only_file(archive)
-        table, stats = build_documents(iter_archive(path, cfg.max_extracted_bytes), cfg, archive=str(path))
+        try:
+            table, stats = build_documents(iter_archive(path, cfg.max_extracted_bytes), cfg, archive=str(path))
+        except PipelineError:
+            forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
+            raise
         rows = out.write_parquet("documents.parquet", table, DOCUMENTS)
         step_logger().info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{rows:,}",
                            stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])

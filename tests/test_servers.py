@@ -139,7 +139,7 @@ def test_prefect_server_on_postgres_creates_a_flow_run(prefect_server, postgres_
     assert postgres_server.psql(f"SELECT count(*) FROM flow_run WHERE name = '{name}'") == "1"
 
 
-def test_chromium_renders_the_prefect_ui(prefect_server, chromium):
+def test_chromium_renders_the_prefect_ui(chromium, prefect_server):  # chromium first: skip before starting servers
     from tests.servers import chromium_browser
 
     name = f"ui-{secrets.token_hex(4)}"
