@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -122,13 +123,26 @@ def quarantined(home: str, step: str) -> list[str]:
     return sorted(p.name for p in (Path(home) / step / ".quarantine").glob("*"))
 
 
-def test_a_changed_file_is_moved_to_quarantine_and_rebuilt(home, caplog):
+@pytest.fixture
+def warnings_logged():
+    """Messages of the warnings the store logs (on the CLI's progress logger, whatever its propagation)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("newsgroups_lstm.progress")
+    logger.addHandler(handler)
+    yield lambda: "\n".join(r.getMessage() for r in records)
+    logger.removeHandler(handler)
+
+
+def test_a_changed_file_is_moved_to_quarantine_and_rebuilt(home, warnings_logged):
     store = ArtifactStore(home)
     ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
     note = store.local_dir(ref) / "note.txt"
     note.write_text("hello, tampered")
     assert store.find("tokens", "k1") is None
-    assert "tokens/k1 is damaged" in caplog.text and str(note) in caplog.text  # one line naming the file
+    [warning] = warnings_logged().splitlines()  # one line naming the file
+    assert "tokens/k1 is damaged" in warning and str(note) in warning
     [moved] = quarantined(home, "tokens")
     assert moved.startswith("k1-") and (Path(home) / "tokens/.quarantine" / moved / "note.txt").read_text() == \
         "hello, tampered"  # set aside, not deleted
@@ -191,7 +205,7 @@ def test_manifest_is_json_and_missing_manifest_means_absent(home):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_a_flipped_byte_in_each_kind_of_artifact_is_quarantined_and_rebuilt(tiny_config, capsys):
+def test_a_flipped_byte_in_each_kind_of_artifact_is_quarantined_and_rebuilt(tiny_config, capsys, warnings_logged):
     from flows.cli import EXIT_FAILED, EXIT_OK, main
     from flows.pipeline import pipeline
 
@@ -210,8 +224,9 @@ def test_a_flipped_byte_in_each_kind_of_artifact_is_quarantined_and_rebuilt(tiny
     for step in {step["step"] for step in steps.values()}:  # each damaged artifact set aside, nothing else
         moved = sorted(name.rsplit("-", 1)[0] for name in quarantined(home, step))  # <key>-<time>
         assert moved == sorted(steps[n]["key"] for n in flipped if steps[n]["step"] == step), step
-    err = capsys.readouterr().err
-    assert all(f"{steps[name]['step']}/{steps[name]['key']} is damaged" in err for name in flipped)
+    warned = warnings_logged()
+    assert all(f"{steps[name]['step']}/{steps[name]['key']} is damaged: " in warned for name in flipped), warned
+    capsys.readouterr()
 
     # `verify` re-hashes everything: all sound now; after another flip it names the file and exits 1.
     assert main(["verify", "--data-home", home]) == EXIT_OK
