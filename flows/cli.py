@@ -200,16 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_home(predict)
     predict.set_defaults(func=cmd_predict)
+    add_home(_add_verify_parser(sub, common))
+    return parser
 
+
+def _add_verify_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", parents=[common], help="re-hash every stored file against its manifest",
                             description="Check every artifact (or one STEP or STEP/KEY) file by file against the "
                                         "sha256 in its manifest, ignoring the stamps of earlier checks. A damaged "
                                         "artifact is moved to <step>/.quarantine/ and rebuilt by the next run. "
                                         "Exit 0 if all is sound, 1 if anything was damaged.")
     verify.add_argument("target", nargs="?", metavar="STEP[/KEY]", help="only this step, or this artifact (key prefix)")
-    add_home(verify)
     verify.set_defaults(func=cmd_verify)
-    return parser
+    return verify
 
 
 def _quiet_defaults(verbose: bool) -> None:

@@ -13,8 +13,8 @@ the winner's artifact. A manifest names only its own attempt's objects, so a rea
 the files of two attempts. On gs:// (no create-only write here) the manifest is written and read
 back: the last writer wins, and an attempt that sees another manifest deletes its own files.
 
-Bytes go up and down exactly as written (compression=None: pyarrow's default would gunzip a
-.tar.gz on the way). Readers get local files from the host's one object cache (storage.cache),
+Bytes go up and down exactly as written (compression=None: pyarrow's default, "detect", would
+gzip a .tar.gz once more on upload and gunzip it on download). Readers get local files from the host's one object cache (storage.cache),
 hashed while downloaded; finding an artifact reads its manifest and the objects' sizes only.
 """
 
