@@ -14,8 +14,9 @@ the files of two attempts. On gs:// (no create-only write here) the manifest is 
 back: the last writer wins, and an attempt that sees another manifest deletes its own files.
 
 Bytes go up and down exactly as written (compression=None: pyarrow's default, "detect", would
-gzip a .tar.gz once more on upload and gunzip it on download). Readers get local files from the host's one object cache (storage.cache),
-hashed while downloaded; finding an artifact reads its manifest and the objects' sizes only.
+gzip a .tar.gz once more on upload and gunzip it on download). Readers get local files from the
+host's one object cache (storage.cache), hashed while downloaded; finding an artifact reads its
+manifest and the objects' sizes only.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def _write(staging: Staging, tag: str) -> dict:
     return {"rows": len(tag)}
 
 
-def test_publish_read_list_and_a_cache_hit_reads_manifests_only(s3_server, s3_home, tmp_path):
+def test_publish_then_find_read_and_list_from_another_host(s3_server, s3_home, tmp_path, monkeypatch):
     store = ArtifactStore(s3_home)
     store.check()
     ref = store.publish("tokens", "k1", lambda s: _write(s, "abc"), version=1, params={"n": 1})
@@ -63,7 +63,7 @@ def test_publish_read_list_and_a_cache_hit_reads_manifests_only(s3_server, s3_ho
                       "home/tokens/k1/manifest.json": stored["home/tokens/k1/manifest.json"]}
 
     # Another host (own object cache): finds it, reads it through its cache, lists it.
-    os.environ["NEWSGROUPS_LSTM_CACHE_DIR"] = str(tmp_path / "other-host")
+    monkeypatch.setenv("NEWSGROUPS_LSTM_CACHE_DIR", str(tmp_path / "other-host"))
     other = ArtifactStore(s3_home)
     assert other.find("tokens", "k1", verify=True) == ref
     assert other.local_file(ref, "tag.txt").read_text() == "abc"
@@ -88,7 +88,7 @@ def test_exact_bytes_round_trip_a_tar_gz_without_recompression(s3_server, s3_hom
     assert store.only_file(ref).read_bytes() == payload
 
 
-def test_a_changed_object_is_never_used_and_verify_quarantines_it(s3_server, s3_home, tmp_path):
+def test_a_changed_object_is_never_used_and_its_artifact_is_quarantined(s3_server, s3_home, tmp_path, monkeypatch):
     store = ArtifactStore(s3_home)
     ref = store.publish("tokens", "k1", lambda s: _write(s, "abc"), version=1, params={})
     manifest = store.read_manifest(ref)
@@ -96,7 +96,7 @@ def test_a_changed_object_is_never_used_and_verify_quarantines_it(s3_server, s3_
     # Same size, other bytes, read by a host that has no cached copy.
     s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/tokens/k1/{manifest['files']['tag.txt']['object']}",
                                   Body=b"xyz")
-    os.environ["NEWSGROUPS_LSTM_CACHE_DIR"] = str(tmp_path / "other-host")
+    monkeypatch.setenv("NEWSGROUPS_LSTM_CACHE_DIR", str(tmp_path / "other-host"))
     from storage.errors import DamagedArtifact
 
     reader = ArtifactStore(s3_home)
@@ -110,6 +110,15 @@ def test_a_changed_object_is_never_used_and_verify_quarantines_it(s3_server, s3_
     data_object = store.read_manifest(ref)["files"]["data.bin"]["object"]
     s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/tokens/k1/{data_object}", Body=b"short")
     assert ArtifactStore(s3_home).find("tokens", "k1") is None  # a size change needs no download to be seen
+
+    # Same size, other bytes, already in this host's cache: `verify` streams and hashes the objects themselves.
+    ref = store.publish("tokens", "k2", lambda s: _write(s, "abc"), version=1, params={})
+    assert store.local_file(ref, "tag.txt").read_text() == "abc"
+    tag_object = store.read_manifest(ref)["files"]["tag.txt"]["object"]
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/tokens/k2/{tag_object}", Body=b"xyz")
+    checked, damaged = ArtifactStore(s3_home).verify("tokens")
+    assert checked == 1 and [(name, "tag.txt has sha256" in problem) for name, problem, _ in damaged] == [("tokens/k2", True)]
+    assert ArtifactStore(s3_home).find("tokens", "k2") is None
 
 
 def test_object_cache_is_capped_least_recently_used_and_rechecks_its_copies(tmp_path, monkeypatch):
