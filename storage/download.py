@@ -2,51 +2,52 @@
 
 The bytes go to `<dest>.part` (resumable with Range + If-Range across attempts and runs),
 are hashed while they stream, and become `dest` only after the size and sha256 check
-passes. Transient failures (timeouts, resets, 5xx, 429) are retried here with exponential
-backoff and jitter (Prefect adds no jitter to task retries, RELIABILITY 0.6); permanent
-ones (404/403/410, TLS errors, checksum mismatch) fail at once. Mirrors are tried in order.
+passes; a `.part` that already has the pinned sha256 is accepted without a request.
+Transient failures (timeouts, resets, stalls, trickles, 5xx, 429) are retried here with
+exponential backoff and jitter (Prefect adds no jitter to task retries, RELIABILITY 0.6),
+within a per-source deadline and with Retry-After capped; permanent ones (404/403/410, TLS
+errors, checksum mismatch, a body over the size cap) fail at once. A host that does not
+resolve or refuses connections gets one quick second try, then the next mirror; when every
+source fails, one error lists each URL with its reason and how to use local copies.
+`request_stop()` (or `stop_on_signals()`) stops every download promptly, keeping its `.part`.
+With `require_archive`, an unpinned URL must serve the archive its name promises (magic bytes),
+so the store's URL index never records an error page.
 """
 
 from __future__ import annotations
 
-import email.utils
+import contextlib
+import dataclasses
+import functools
 import hashlib
-import json
 import logging
 import os
 import random
-import shutil
-import sys
+import shutil  # noqa: F401 - tests patch storage.download.shutil.disk_usage (the module http.py uses)
+import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import unquote, urlparse
 
 import requests
-import urllib3
 
-from storage.errors import ChecksumMismatch, DownloadError, TransientError
+from storage import http
+from storage.errors import ChecksumMismatch, DownloadError, NotAnArchive, SourceUnreachable, TransientError
+from storage.http import Limits, clear_stop, request_stop, stop_requested  # noqa: F401 - the public API
+from storage.progress import Meter, Progress
 
-log = logging.getLogger("newsgroups_lstm.progress")  # = tasks.common.PROGRESS_LOGGER: the CLI prints it
+log = logging.getLogger("newsgroups_lstm.progress")  # = tasks.step.PROGRESS_LOGGER: the CLI prints it
 
 CHUNK = 1 << 20
-NET_CHUNK = 256 * 1024
-CONNECT_TIMEOUT_S = 15.0
-READ_TIMEOUT_S = 60.0
-ATTEMPTS = 5
-BACKOFF_S = 1.0
-MAX_BACKOFF_S = 60.0
-MAX_RETRY_AFTER_S = 300.0
-MAX_REDIRECTS = 10
-DISK_MARGIN_BYTES = 64 * 1024**2
-PROGRESS_LOG_MIN_BYTES = 16 * 1024**2  # below this, no 10% log lines
-_PERMANENT_STATUS = {400, 401, 403, 404, 405, 410, 451}
-_REDIRECT_STATUS = {301, 302, 303, 307, 308}
-_USER_AGENT = "newsgroups-lstm/0.1 (+requests)"
-
-Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
-sleep = time.sleep  # module attribute so tests can monkeypatch storage.download.sleep
+sleep = http.wait  # module attribute so tests can monkeypatch storage.download.sleep; wakes on request_stop
+LOCAL_COPIES_HINT = (
+    "To use local copies instead, point the sources at them (a file:// URL, a path or a local http server) with "
+    "NEWSGROUPS_LSTM_GLOVE_URL + NEWSGROUPS_LSTM_GLOVE_SHA256 and NEWSGROUPS_LSTM_CORPUS_URL + "
+    "NEWSGROUPS_LSTM_CORPUS_SHA256, or the config keys sources.glove.url / sources.corpus_source.url "
+    "(each with its sha256); see the README section \"Quickstart on local copies of the data\"."
+)
 
 
 @dataclass(frozen=True)
@@ -57,66 +58,81 @@ class Fetched:
     url: str  # the URL (primary or mirror) the bytes came from
 
 
-class _Retry(Exception):
-    """Internal: this attempt failed in a way worth retrying (after `wait` seconds, if given)."""
-
-    def __init__(self, message: str, wait: float | None = None):
-        super().__init__(message)
-        self.wait = wait
-
-
-class _Restart(Exception):
-    """Internal: the assembled file is wrong after a resume; throw it away and fetch it fresh once."""
-
-
 def fetch(
     urls: str | Sequence[str],
     dest: str | os.PathLike,
     *,
     sha256: str | None = None,
     size: int | None = None,
-    attempts: int = ATTEMPTS,
-    backoff_s: float = BACKOFF_S,
-    timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+    attempts: int | None = None,
+    backoff_s: float | None = None,
+    timeout: tuple[float, float] | None = None,
+    limits: Limits | None = None,
     progress: Progress | None = None,
+    require_archive: bool = False,
 ) -> Fetched:
     """Download the first of `urls` that works to `dest`, verified; return where and what it is.
 
     `dest`'s directory is private scratch (the caller's lock): `<dest>.part` there is resumed.
-    Raises ChecksumMismatch (nothing kept), DownloadError (permanent) or TransientError.
+    `attempts`, `backoff_s` and `timeout` (connect, read) override the same fields of `limits`.
+    With `require_archive` and no `sha256`, the file must start like the archive its name
+    promises (zip, gzip, tar), else NotAnArchive (and the next mirror is tried).
+    Raises ChecksumMismatch (nothing kept), SourceUnreachable (offline or wrong host: not
+    worth retrying), DownloadError (permanent), TransientError, or DownloadInterrupted.
     """
     urls = [urls] if isinstance(urls, str) else list(urls)
     if not urls:
         raise DownloadError("no URL to download from")
+    limits = _limits(limits, attempts, backoff_s, timeout)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if got := _complete_part(dest, urls[0], sha256, size):
+        return got
     errors: list[tuple[str, Exception]] = []
     for url in urls:
+        http.check_stop(url)
         try:
-            return _fetch_one(url, dest, sha256=sha256, size=size, attempts=attempts, backoff_s=backoff_s,
-                              timeout=timeout, progress=progress)
-        except DownloadError as exc:  # includes ChecksumMismatch: a mirror may hold the right bytes
+            got = _fetch_one(url, dest, sha256=sha256, size=size, limits=limits, progress=progress)
+            if require_archive and sha256 is None:
+                check_archive(got.path, dest.name, url)
+            return got
+        except (DownloadError, TransientError) as exc:  # a mirror may hold the right bytes
             errors.append((url, exc))
-        except TransientError as exc:
-            errors.append((url, exc))
-        if len(urls) > 1 and url != urls[-1]:
+        if url != urls[-1]:
             log.warning("download from %s failed (%s); trying the next mirror", url, errors[-1][1])
+    raise _all_failed(errors)
+
+
+def _limits(limits: Limits | None, attempts, backoff_s, timeout) -> Limits:
+    limits = limits or Limits()
+    changes = {"attempts": attempts, "backoff_s": backoff_s}
+    if timeout is not None:
+        changes.update(connect_timeout_s=timeout[0], read_timeout_s=timeout[1])
+    return dataclasses.replace(limits, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _all_failed(errors: list[tuple[str, Exception]]) -> Exception:
+    """One error for a source whose every URL failed: the most retryable kind, each URL's reason, the way out."""
     if len(errors) == 1:
-        raise errors[0][1]
-    summary = "; ".join(f"{u}: {e}" for u, e in errors)
+        exc = errors[0][1]
+        if isinstance(exc, (SourceUnreachable, TransientError)):
+            return type(exc)(f"{exc}. {LOCAL_COPIES_HINT}")
+        return exc
+    summary = "; ".join(f"[{u}] {str(e).removeprefix(f'{u}: ')}" for u, e in errors)
     if any(isinstance(e, TransientError) for _, e in errors):
-        raise TransientError(f"every source failed, some transiently: {summary}")
+        return TransientError(f"every source failed, some transiently: {summary}. {LOCAL_COPIES_HINT}")
+    if all(isinstance(e, SourceUnreachable) for _, e in errors):
+        return SourceUnreachable(f"every source failed: {summary}. {LOCAL_COPIES_HINT}")
     for _, e in errors:
         if isinstance(e, ChecksumMismatch):
-            raise e
-    raise DownloadError(f"every source failed: {summary}")
+            return e
+    return DownloadError(f"every source failed: {summary}. {LOCAL_COPIES_HINT}")
 
 
-def _fetch_one(url, dest: Path, *, sha256, size, attempts, backoff_s, timeout, progress) -> Fetched:
+def _fetch_one(url: str, dest: Path, *, sha256, size, limits: Limits, progress) -> Fetched:
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
-        return _fetch_http(url, dest, sha256=sha256, size=size, attempts=attempts, backoff_s=backoff_s,
-                           timeout=timeout, progress=progress)
+        return _fetch_http(url, dest, sha256=sha256, size=size, limits=limits, progress=progress)
     if scheme == "file":
         parsed = urlparse(url)
         return _copy_local(Path(unquote(parsed.netloc + parsed.path) if parsed.netloc not in ("", "localhost")
@@ -126,273 +142,175 @@ def _fetch_one(url, dest: Path, *, sha256, size, attempts, backoff_s, timeout, p
     raise DownloadError(f"unsupported URL scheme {scheme!r} in {url} (use http, https, file or a path)")
 
 
+def _complete_part(dest: Path, url: str, sha256: str | None, size: int | None) -> Fetched | None:
+    """A `.part` left by an earlier attempt or run that already is the pinned file: take it, no request."""
+    part = http.part_path(dest)
+    if not sha256 or not part.is_file():
+        return None
+    have = part.stat().st_size
+    if have == 0 or (size is not None and have != size):
+        return None
+    if http.hash_file(part, url).hexdigest() != sha256.lower():
+        return None
+    log.info("%s already holds the pinned sha256 of %s; not downloading it again", part, url)
+    return _finish(dest, http.read_meta(dest).get("url", url), sha256.lower(), have)
+
+
+def _finish(dest: Path, url: str, digest: str, size: int) -> Fetched:
+    try:
+        os.replace(http.part_path(dest), dest)
+    except OSError as exc:
+        raise http.disk_error(exc, dest, url, dest) from None
+    http.meta_path(dest).unlink(missing_ok=True)
+    return Fetched(dest, digest, size, url)
+
+
 # -- local files ---------------------------------------------------------------------------------
 def _copy_local(src: Path, url: str, dest: Path, *, sha256, size, progress) -> Fetched:
     if not src.is_file():
         raise DownloadError(f"{url}: no such file ({src})")
     total = src.stat().st_size
-    _check_free_space(dest.parent, total, url)
-    part = _part(dest)
+    http.check_free_space(dest.parent, total, url)
+    part = http.part_path(dest)
+    http.meta_path(dest).unlink(missing_ok=True)  # this .part is not resumable over http
     digest = hashlib.sha256()
-    meter = _Meter(url, total, progress)
-    with open(src, "rb") as fin, open(part, "wb") as fout:
-        while block := fin.read(CHUNK):
-            fout.write(block)
-            digest.update(block)
-            meter.advance(len(block))
+    meter = Meter(url, total, progress)
+    try:
+        with open(src, "rb") as fin, open(part, "wb") as fout:
+            while block := fin.read(CHUNK):
+                http.check_stop(url)
+                fout.write(block)
+                digest.update(block)
+                meter.advance(len(block))
+    except OSError as exc:
+        raise http.disk_error(exc, part, url, dest, action=f"copy {src} to") from None
     meter.done()
-    _verify(part, url, digest.hexdigest(), sha256, size)
-    os.replace(part, dest)
-    return Fetched(dest, digest.hexdigest(), total, url)
+    http.verify(dest, url, digest.hexdigest(), sha256, size, written=total)
+    return _finish(dest, url, digest.hexdigest(), total)
 
 
-# -- http(s) -------------------------------------------------------------------------------------
-def _fetch_http(url, dest: Path, *, sha256, size, attempts, backoff_s, timeout, progress) -> Fetched:
-    last: Exception | None = None
-    fresh_restart_left = 1  # a file that fails its check after a resume is fetched fresh, once
-    attempt = 0
+# -- http(s): the retry loop ---------------------------------------------------------------------
+def _fetch_http(url: str, dest: Path, *, sha256, size, limits: Limits, progress) -> Fetched:
+    tries = _Tries(url, limits, time.monotonic() + limits.deadline_s)
     with requests.Session() as session:
-        session.headers.update({"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"})
-        while attempt < attempts:
-            attempt += 1
+        session.headers.update({"User-Agent": http.USER_AGENT, "Accept-Encoding": "identity"})
+        while True:
             try:
-                digest, total = _attempt(session, url, dest, sha256=sha256, size=size, timeout=timeout, progress=progress)
-                os.replace(_part(dest), dest)
-                _meta_path(dest).unlink(missing_ok=True)
-                return Fetched(dest, digest, total, url)
-            except _Restart as exc:
-                _discard_part(dest)
-                if fresh_restart_left == 0:
-                    raise DownloadError(str(exc)) from None
-                fresh_restart_left -= 1
-                attempt -= 1  # a deliberate fresh start is not a failed attempt
-                log.warning("%s; downloading it again from scratch", exc)
-                continue
-            except _Retry as exc:
-                last = exc
-                if attempt >= attempts:
-                    break
-                delay = min(MAX_BACKOFF_S, backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-                if exc.wait is not None:
-                    delay = max(delay, min(exc.wait, MAX_RETRY_AFTER_S))
-                log.warning("download attempt %d/%d of %s failed (%s); retrying in %.1f s", attempt, attempts, url, exc, delay)
-                sleep(delay)
-    raise TransientError(f"could not reach {url} after {attempts} attempts: {last}")
+                digest, total = http.attempt(session, url, dest, sha256=sha256, size=size, limits=limits,
+                                             deadline=tries.deadline, progress=progress)
+                return _finish(dest, url, digest, total)
+            except http.Restart as exc:
+                http.discard_part(dest)
+                tries.restart(exc)
+            except http.Retry as exc:
+                sleep(tries.failed(exc))
+                http.check_stop(url)
 
 
-def _attempt(session: requests.Session, url, dest: Path, *, sha256, size, timeout, progress) -> tuple[str, int]:
-    """One GET (following redirects), resuming `.part` when it is safe; return (sha256, bytes)."""
-    part = _part(dest)
-    meta = _read_meta(dest)
-    have = part.stat().st_size if part.exists() else 0
-    headers = {}
-    # Resume only what we can validate: the same URL and either a server validator (If-Range)
-    # or a pinned checksum that will catch a spliced file.
-    if have and meta.get("url") == url and (meta.get("validator") or sha256):
-        headers["Range"] = f"bytes={have}-"
-        if meta.get("validator"):
-            headers["If-Range"] = meta["validator"]
-    elif have:
-        _discard_part(dest)
-        have = 0
+class _Tries:
+    """Counts the attempts at one URL and decides how long to wait before the next, or to give up."""
 
-    resp = _get_following_redirects(session, url, headers, timeout)
-    with resp:
-        status = resp.status_code
-        if status == 416 and have:  # our .part is already as long as (or longer than) the resource
-            _discard_part(dest)
-            raise _Retry(f"HTTP 416 for a resume from byte {have}; restarting")
-        if status in _PERMANENT_STATUS or (400 <= status < 500 and status not in (408, 429)):
-            _discard_part(dest)
-            raise DownloadError(f"{url}: HTTP {status} {resp.reason or ''}".rstrip())
-        if status == 429 or status == 408 or status >= 500:
-            raise _Retry(f"HTTP {status}", wait=_retry_after(resp.headers.get("Retry-After")))
-        if status not in (200, 206):
-            raise DownloadError(f"{url}: unexpected HTTP {status}")
+    def __init__(self, url: str, limits: Limits, deadline: float):
+        self.url, self.limits, self.deadline = url, limits, deadline
+        self.done = self.unreachable = 0
+        self.fresh_restart_left = 1  # a file that fails its check after a resume is fetched fresh, once
+        self.reached = False  # something answered: later refusals are a restart, not an offline machine
 
-        validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-        if validator and validator.startswith("W/"):
-            validator = None  # weak ETags are not allowed in If-Range
-        resumed = False
-        if status == 206:
-            start, end, total = _content_range(resp.headers.get("Content-Range"), url)
-            if not have or start != have:
-                _discard_part(dest)  # never splice at the wrong offset (pip #14131)
-                raise _Retry(f"HTTP 206 starting at byte {start}, expected {have}")
-            resumed = True
+    def restart(self, exc: Exception) -> None:
+        if self.fresh_restart_left == 0:
+            raise DownloadError(str(exc)) from None
+        self.fresh_restart_left -= 1  # a deliberate fresh start is not a failed attempt
+        log.warning("%s; downloading it again from scratch", exc)
+
+    def failed(self, exc: http.Retry) -> float:
+        """The seconds to wait before the next attempt; raises when this URL is done for."""
+        self.done += 1
+        lim = self.limits
+        if isinstance(exc, http.Unreachable) and not self.reached:
+            self.unreachable += 1
+            if self.unreachable >= 2 or self.done >= lim.attempts:
+                raise SourceUnreachable(f"could not reach {self.url} after {self.done} "
+                                        f"attempt{'s' if self.done > 1 else ''}: {exc}")
+            delay = lim.quick_retry_s
         else:
-            total = _int_or_none(resp.headers.get("Content-Length"))
-            have = 0  # a 200 to a range request is the whole file: start over, never append
-        expected = size if size is not None else total
-        if expected is not None:
-            _check_free_space(dest.parent, expected - have, url)
-        _write_meta(dest, {"url": url, "validator": validator})
+            self.reached = self.reached or not isinstance(exc, http.Unreachable)
+            if self.done >= lim.attempts:
+                raise TransientError(f"could not reach {self.url} after {lim.attempts} attempts: {exc}")
+            delay = min(lim.max_backoff_s, lim.backoff_s * 2 ** (self.done - 1)) * random.uniform(0.5, 1.5)
+            if exc.wait is not None:
+                delay = max(delay, min(exc.wait, lim.max_retry_after_s))
+        if time.monotonic() + delay > self.deadline:
+            raise TransientError(f"{self.url}: gave up at the deadline of {lim.deadline_s:,.0f} s after "
+                                 f"{self.done} attempts (last: {exc}); a partial file is kept for the next run")
+        log.warning("download attempt %d/%d of %s failed (%s); retrying in %.1f s",
+                    self.done, lim.attempts, self.url, exc, delay)
+        return delay
 
-        digest = hashlib.sha256()
-        if resumed:
-            with open(part, "rb") as f:
-                while block := f.read(CHUNK):
-                    digest.update(block)
-        meter = _Meter(url, expected, progress, start=have)
-        written = have
-        try:
-            with open(part, "ab" if resumed else "wb") as f:
-                # read1: whatever has arrived, so bytes before a reset are kept (read(amt) would drop them);
-                # decode_content=False: the bytes on disk are the resource, whatever Content-Encoding says.
-                while block := resp.raw.read1(NET_CHUNK, decode_content=False):
-                    f.write(block)
-                    digest.update(block)
-                    written += len(block)
-                    meter.advance(len(block))
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
-                raise DownloadError(f"{url}: could not write {part}: {exc}") from exc
-            raise _Retry(f"connection lost after {written:,} bytes ({type(exc).__name__}: {exc})") from None
-        meter.done()
 
-    if expected is not None and written < expected:
-        raise _Retry(f"body ended early: {written:,} of {expected:,} bytes")  # keep .part: resume
+# -- stopping on signals -------------------------------------------------------------------------
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Within the block, SIGINT/SIGTERM first call request_stop() (download threads stop within
+    about a second, keeping their .part), then act as before: the previous handler, or for the
+    default one KeyboardInterrupt (SIGINT) / SystemExit(128 + signal). Main thread only."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, functools.partial(_on_signal, previous[sig]))
     try:
-        _verify(part, url, digest.hexdigest(), sha256, size, written=written)
-    except (ChecksumMismatch, DownloadError) as exc:
-        if resumed:
-            raise _Restart(f"{url}: resumed file failed its check ({exc})") from None
-        raise
-    return digest.hexdigest(), written
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _get_following_redirects(session, url, headers, timeout) -> requests.Response:
-    current = url
-    for _ in range(MAX_REDIRECTS + 1):
-        try:
-            resp = session.get(current, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
-        except requests.exceptions.SSLError as exc:
-            raise DownloadError(f"{current}: TLS error ({exc}); fix the certificate or use a trusted mirror, "
-                                "verification is never disabled") from None
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as exc:
-            raise DownloadError(f"{current}: invalid URL ({exc})") from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from None
-        if resp.status_code not in _REDIRECT_STATUS or "Location" not in resp.headers:
-            return resp
-        target = urljoin(current, resp.headers["Location"])
-        resp.close()
-        if urlparse(current).scheme == "https" and urlparse(target).scheme != "https":
-            raise DownloadError(f"{url}: refusing redirect from https to {target}")
-        current = target
-    raise DownloadError(f"{url}: more than {MAX_REDIRECTS} redirects")
+def _on_signal(previous, signum: int, frame) -> None:
+    request_stop()
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
 
-# -- checks and helpers --------------------------------------------------------------------------
-def _verify(part: Path, url: str, got_sha: str, sha256: str | None, size: int | None, written: int | None = None) -> None:
-    written = part.stat().st_size if written is None else written
-    if size is not None and written != size:
-        _discard_part_file(part)
-        raise DownloadError(f"{url}: expected {size:,} bytes, got {written:,}; the file was discarded")
-    if sha256 is not None and got_sha != sha256.lower():
-        _discard_part_file(part)
-        raise ChecksumMismatch(url, sha256.lower(), got_sha)
+# -- is it the archive its name promises? --------------------------------------------------------
+def archive_kind(name: str) -> str | None:
+    """The archive type a file name promises ('zip', 'gzip', 'tar', 'bzip2', 'xz'), or None."""
+    name = name.lower()
+    for suffixes, kind in ((".zip",), "zip"), ((".tar.gz", ".tgz", ".gz"), "gzip"), ((".tar",), "tar"), \
+                          ((".tar.bz2", ".tbz2", ".bz2"), "bzip2"), ((".tar.xz", ".txz", ".xz"), "xz"):
+        if name.endswith(suffixes):
+            return kind
+    return None
 
 
-def _check_free_space(directory: Path, needed: int, url: str) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed + DISK_MARGIN_BYTES > free:
-        raise DownloadError(f"{url}: not enough free disk space in {directory}: need {needed:,} bytes "
-                            f"(+{DISK_MARGIN_BYTES:,} margin), {free:,} available")
+def sniff_archive(head: bytes) -> str | None:
+    """The archive type the first 512 bytes of a file show, by magic bytes, or None."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith(b"BZh"):
+        return "bzip2"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    return None
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _content_range(value: str | None, url: str) -> tuple[int, int, int | None]:
-    try:
-        unit, rest = value.split(" ", 1)
-        span, total = rest.split("/", 1)
-        start, end = span.split("-", 1)
-        if unit != "bytes":
-            raise ValueError(unit)
-        return int(start), int(end), (None if total.strip() == "*" else int(total))
-    except (AttributeError, ValueError):
-        raise _Retry(f"HTTP 206 with unusable Content-Range {value!r}") from None
-
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _part(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
-
-
-def _meta_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part.json")
-
-
-def _read_meta(dest: Path) -> dict:
-    try:
-        return json.loads(_meta_path(dest).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_meta(dest: Path, meta: dict) -> None:
-    tmp = _meta_path(dest).with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, _meta_path(dest))
-
-
-def _discard_part_file(part: Path) -> None:
-    part.unlink(missing_ok=True)
-    part.with_name(part.name + ".json").unlink(missing_ok=True)
-
-
-def _discard_part(dest: Path) -> None:
-    _part(dest).unlink(missing_ok=True)
-    _meta_path(dest).unlink(missing_ok=True)
-
-
-class _Meter:
-    """A progress bar on a terminal's stderr, a log line every ~10% for big files, and a callback."""
-
-    def __init__(self, url: str, total: int | None, callback: Progress | None, start: int = 0):
-        self.url, self.total, self.callback, self.done_bytes = url, total, callback, start
-        self.tty = sys.stderr.isatty()
-        self.log_lines = total is not None and total >= PROGRESS_LOG_MIN_BYTES
-        self.next_decile = (start * 10 // total + 1) if total else 1
-        self.name = url.rstrip("/").rsplit("/", 1)[-1]
-
-    def advance(self, n: int) -> None:
-        self.done_bytes += n
-        if self.callback:
-            self.callback(self.done_bytes, self.total)
-        if self.total:
-            if self.log_lines and self.done_bytes * 10 >= self.next_decile * self.total:
-                self.next_decile = self.done_bytes * 10 // self.total + 1
-                log.info("%s: %d%% (%s of %s bytes)", self.name, min(100, self.done_bytes * 100 // self.total),
-                         f"{self.done_bytes:,}", f"{self.total:,}")
-            if self.tty:
-                frac = min(1.0, self.done_bytes / self.total)
-                sys.stderr.write(f"\r{self.name} [{'#' * int(frac * 30):<30}] {frac:6.1%}")
-                sys.stderr.flush()
-        elif self.tty:
-            sys.stderr.write(f"\r{self.name} {self.done_bytes / 1e6:,.1f} MB")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+def check_archive(path: Path, name: str, url: str) -> None:
+    """Raise NotAnArchive (and delete `path`) unless it starts like the archive `name` promises
+    (any archive when the name promises none)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    got, want = sniff_archive(head), archive_kind(name)
+    if got is not None and want in (None, got):
+        return
+    path.unlink(missing_ok=True)
+    text = head.lstrip().lower()
+    what = ("an HTML page" if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]
+            else f"a {got} file" if got else "unrecognised content")
+    raise NotAnArchive(f"{url} served something that is not {('a ' + want) if want else 'an'} archive but {what} "
+                       f"({len(head):,}+ bytes starting {head[:64]!r}); nothing was recorded for this URL; "
+                       "check the URL (a login or error page?) or pin the file's sha256")

@@ -44,3 +44,19 @@ class TrainingDiverged(PipelineError):
 
 class UsageError(Exception):
     """A bad command line, config file or argument (exit code 2), not a pipeline failure."""
+
+
+class SourceUnreachable(DownloadError):
+    """The host name does not resolve or the connection is refused (offline, or a wrong URL).
+
+    Tried at most twice, quickly, and not transient: neither the downloader nor Prefect's task
+    retries wait minutes for a network that is not there.
+    """
+
+
+class NotAnArchive(DownloadError):
+    """An unpinned URL served something other than the archive its name promises (e.g. an HTML page)."""
+
+
+class DownloadInterrupted(PipelineError):
+    """A stop was requested (SIGTERM/SIGINT); the partial file is kept so the next run resumes it."""

@@ -40,7 +40,8 @@ def download(source: Source, data_home: str | None = None) -> ArtifactRef:
         if cached := STEP.cached(store, download_key(source, store)):
             return cached
         step_logger().info("downloading %s", source.url)
-        got: Fetched = fetch([source.url, *source.mirrors], work / source.name, sha256=source.sha256, size=source.size)
+        got: Fetched = fetch([source.url, *source.mirrors], work / source.name, sha256=source.sha256, size=source.size,
+                             require_archive=True)  # an unpinned URL is recorded only for a real archive
         step_logger().info("downloaded %s: %s bytes, sha256 %s", got.url, f"{got.size:,}", got.sha256)
 
         def build(staging: Staging) -> dict:
