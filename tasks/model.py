@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -670,6 +670,26 @@ class EpochCheckpoint(keras.callbacks.Callback):
             shutil.rmtree(old, ignore_errors=True)
 
 
+class TrainingInterrupted(Exception):
+    """`should_stop()` asked training to stop; raised between batches, the finished epochs' checkpoints kept."""
+
+
+class StopWhenAsked(keras.callbacks.Callback):
+    """Ends training between two batches once `should_stop()` is true (a SIGTERM, a cancelled run)."""
+
+    def __init__(self, should_stop: Callable[[], bool], work_dir: Path):
+        super().__init__()
+        self.should_stop, self.work_dir, self.epoch = should_stop, work_dir, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.should_stop():
+            raise TrainingInterrupted(f"training stopped on request in epoch {self.epoch + 1}, batch {batch + 1}; "
+                                      f"finished epochs are kept in {self.work_dir} and the next run resumes from them")
+
+
 def _restore(model: keras.Model, work_dir: Path, log) -> dict | None:
     """Load the newest loadable checkpoint into `model`; None when there is none."""
     for ckpt in _checkpoints(work_dir):
@@ -702,8 +722,11 @@ def fit_classifier(
     max_length: int,
     work_dir: str | os.PathLike,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
     """Train on `sequences` (a validation slice of them drives early stopping); resume from work_dir.
+
+    `should_stop` is polled after every batch: when it returns True, TrainingInterrupted is raised.
 
     Returns (classifier with the best validation weights, per-epoch history, summary).
     """
@@ -736,7 +759,9 @@ def fit_classifier(
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not (progress and progress.get("stopped")):
         try:
-            training_model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=[checkpoint], verbose=0)
+            callbacks = [StopWhenAsked(should_stop, work_dir)] if should_stop else []
+            training_model.fit(train_data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=[*callbacks, checkpoint],
+                               verbose=0)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
             if not _is_out_of_memory(exc):
                 raise

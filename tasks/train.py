@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.errors import InputFormatError
+from storage.download import stop_requested
+from storage.errors import InputFormatError, Interrupted
 from storage.files import Staging
 from storage.schemas import DOCUMENTS, SEQUENCES
 from tasks.config import TrainConfig
@@ -96,7 +97,7 @@ STEP = Step("train", version=2)  # 2: sublinear tf-idf bag of words; a version-1
 def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str,
               out: Staging) -> dict:
     """Train and write the run files into `out`; returns the manifest extras."""
-    from tasks.model import fit_classifier  # imports Keras
+    from tasks.model import TrainingInterrupted, fit_classifier  # imports Keras
 
     log = step_logger()
     table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["label", "split", "ids"])
@@ -109,10 +110,13 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     max_length = int(rules.get("max_length") or max(len(s) for s in sequences) or 1)
     names = label_names(store, tokens, int(labels.max()) + 1)
 
-    model, history, summary = fit_classifier(
-        cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"), len(names),
-        max_length, store.work_dir(STEP.name, key), log,
-    )
+    try:
+        model, history, summary = fit_classifier(
+            cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
+            len(names), max_length, store.work_dir(STEP.name, key), log, should_stop=stop_requested,
+        )
+    except TrainingInterrupted as exc:
+        raise Interrupted(str(exc)) from None
     model.save(out.path("model.keras"))
     out.write_parquet("history.parquet", history_table(history), HISTORY)
     plot_curves(history, out.path("curves.png"), title=f"run {key} ({cfg.preset} preset)")
