@@ -18,10 +18,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from storage.errors import UsageError
-
 from flows import render
 from flows.shutdown import Shutdown, Stopped
+from storage.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # = flows.steps.STAGES, without importing Prefect

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from storage.errors import UsageError
 
-
 # Strict scalars: a config value is never coerced. `train.epochs=true` or "3" is refused rather than read as 1 or 3,
 # a float must be finite, and sizes and counts are bounded (JSON and TOML give ints as ints, floats as floats).
 Count = Annotated[int, Field(strict=True, ge=1)]  # sizes, counts, batch sizes: at least 1
