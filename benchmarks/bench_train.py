@@ -210,6 +210,7 @@ def baselines(d: dict, sequences: list[np.ndarray]) -> dict:
 
 # -- the models -------------------------------------------------------------------------------------------
 def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> dict:
+    from storage.checkpoints import CheckpointDir
     from tasks.model import fit_classifier, predict_proba
 
     train_rows = np.flatnonzero(~d["is_test"])
@@ -219,7 +220,7 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
         started = time.perf_counter()
         classifier, history, summary = fit_classifier(
             SimpleNamespace(**cfg), [sequences[i] for i in train_rows], labels[train_rows], d["matrix"], len(d["groups"]),
-            RECIPE["max_length"], work, _Printer(),
+            RECIPE["max_length"], CheckpointDir(work), _Printer(),
         )
         train_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -227,7 +228,7 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
     probabilities = predict_proba(classifier, test_sequences, RECIPE["max_length"])
     predict_seconds = time.perf_counter() - started
     result = scores(labels[test_rows], probabilities.argmax(1), len(d["groups"]))
-    if summary["mixture"] and len(summary["mixture"]) > 1:  # each expert on its own, for the record
+    if summary["expert_weights"] and len(summary["expert_weights"]) > 1:  # each expert on its own, for the record
         import keras
 
         experts = keras.Model(classifier.inputs, classifier.get_layer("experts").output)
@@ -239,7 +240,7 @@ def train_preset(name: str, cfg: dict, d: dict, sequences: list[np.ndarray]) -> 
         train_seconds=round(train_seconds, 1), predict_seconds=round(predict_seconds, 1),
         epochs_run=summary["epochs_run"], best_epoch=summary["best_epoch"], stopped_early=summary["stopped_early"],
         seconds_per_epoch=epochs, median_seconds_per_epoch=round(statistics.median(epochs), 2) if epochs else None,
-        mixture=summary["mixture"], backend=summary["backend"], device=summary["device_name"],
+        expert_weights=summary["expert_weights"], backend=summary["backend"], device=summary["device_name"],
         train_documents=summary["train_documents"], validation_documents=summary["validation_documents"],
     )
     log(f"  {name}: accuracy {result['accuracy']}, macro-F1 {result['macro_f1']}, "

@@ -73,13 +73,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _read_texts(args: argparse.Namespace) -> list[str]:
     """The texts to classify. Every source is read as bytes and decoded the same way (UTF-8, undecodable bytes
     as U+FFFD: storage.files.decode_text_input), so one input gives one prediction whatever way it came in."""
-    from storage.files import decode_text_input, read_text
+    from storage.files import decode_text_input, read_document
 
     sources: list[tuple[str, str]] = []  # (where it came from, text)
     for path in args.file:
         if not Path(path).is_file():
             raise UsageError(f"text file {path} not found")
-        sources.append((f"file {path}", read_text(path)))
+        sources.append((f"file {path}", read_document(path)))
     texts = [(f"argument {i}", decode_text_input(os.fsencode(t))) for i, t in enumerate(args.texts, 1) if t != "-"]
     if "-" in args.texts or (not args.texts and not args.file and not sys.stdin.isatty()):
         sources.append(("stdin", decode_text_input(sys.stdin.buffer.read())))

@@ -2,9 +2,9 @@
 
 Our archives only ever need regular files and directories, so every other member type
 (symlink, hardlink, device, FIFO) is refused, as is any name that is absolute or contains
-`..` (RELIABILITY 0.4, 0.5). Each member is checked before anything is written, and a
+`..`. Each member is checked before anything is written, and a
 gzip stream is always read to its end: tarfile stops silently at the first invalid header,
-so only the gzip CRC at the end of the stream catches a corrupted middle (RELIABILITY 0.1).
+so only the gzip CRC at the end of the stream catches a corrupted middle.
 
 Memory is bounded per member: with `max_member_bytes`, a member's first max_member_bytes
 bytes are kept and the rest is skipped (streamed, never held), and `Member.full_size` says
@@ -16,10 +16,9 @@ Reading stops between members once a stop is requested (SIGTERM: storage.http.re
 from __future__ import annotations
 
 import gzip
+import io
 import os
-import shutil
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -148,38 +147,6 @@ def iter_tar(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_EXTRACTED_BYT
         raise InputFormatError(f"{path}: corrupt or truncated archive ({type(exc).__name__}: {exc})") from exc
 
 
-def scan_tar(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_EXTRACTED_BYTES) -> list[str]:
-    """Validate every member of a tar archive without keeping its bytes; return the member names."""
-    return [m.name for m in iter_tar(path, max_bytes)]
-
-
-def extract_tar(path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = DEFAULT_MAX_EXTRACTED_BYTES) -> Path:
-    """Extract a tar archive to dest (which must not exist) all or nothing.
-
-    Every member is validated (and the stream drained) before the first byte is written; the
-    files are then written into a temporary sibling that is renamed to dest only when complete.
-    """
-    path, dest = Path(path), Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists; extract_tar writes a fresh directory")
-    scan_tar(path, max_bytes)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    try:
-        for member in iter_tar(path, max_bytes):  # validated again: the file could change in between
-            target = staging / member.name
-            if member.is_dir:
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(member.data or b"")
-        os.rename(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
-
-
 # -- zip ----------------------------------------------------------------------------------------
 def _zip_is_link(info: zipfile.ZipInfo) -> bool:
     mode = info.external_attr >> 16
@@ -210,11 +177,30 @@ def open_zip(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_EXTRACTED_BYT
 
 
 def open_zip_member(zf: zipfile.ZipFile, member: str) -> IO[bytes]:
-    """A streaming reader of one member; InputFormatError listing the members if it is absent."""
+    """A streaming reader of one member (it raises Interrupted once a stop is requested); InputFormatError
+    listing the members if it is absent."""
     names = zf.namelist()
     if member not in names:
         raise InputFormatError(f"{zf.filename}: no member {member!r}; members are {names}")
-    return zf.open(member)
+    return io.BufferedReader(_Stoppable(zf.open(member), f"{zf.filename}:{member}"), 1 << 20)
+
+
+class _Stoppable(io.RawIOBase):
+    """A member's stream that checks for a stop request before each read (a parser may read for minutes)."""
+
+    def __init__(self, raw: IO[bytes], name: str):
+        self.raw, self.name = raw, name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        _check_stop(self.name)
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def iter_zip(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_EXTRACTED_BYTES,

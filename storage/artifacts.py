@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -249,12 +249,13 @@ class ArtifactStore:
         self.fs.create_dir(self._url_record(url).rsplit("/", 1)[0], recursive=True)
         _put_atomic(self.fs, self._url_record(url), json.dumps({"url": url, "sha256": sha256}).encode())
 
-    def forget_url(self, url: str) -> None:
-        """Drop what an unpinned URL was recorded to give, so the next run fetches it again."""
+    def forget_url(self, url: str) -> bool:
+        """Drop what an unpinned URL was recorded to give, so the next run fetches it again; True if recorded."""
         try:
             self.fs.delete_file(self._url_record(url))
         except (FileNotFoundError, OSError):
-            pass
+            return False
+        return True
 
     # -- writing ------------------------------------------------------------------------------
     @contextmanager
@@ -348,7 +349,7 @@ def _manifest(step, key, version, params, upstream, staging: Path, started: floa
         "files": files,
         "libraries": library_versions(),
         "host": socket.gethostname(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(finished - started, 3),
         **extra,
     }

@@ -4,14 +4,15 @@ The bytes go to `<dest>.part` (resumable with Range + If-Range across attempts a
 are hashed while they stream, and become `dest` only after the size and sha256 check
 passes; a `.part` that already has the pinned sha256 is accepted without a request.
 Transient failures (timeouts, resets, stalls, trickles, 5xx, 429) are retried here with
-exponential backoff and jitter (Prefect adds no jitter to task retries, RELIABILITY 0.6),
+exponential backoff and jitter (Prefect adds no jitter to task retries),
 within a per-source deadline and with Retry-After capped; permanent ones (404/403/410, TLS
 errors, checksum mismatch, a body over the size cap) fail at once. A host that does not
 resolve or refuses connections gets one quick second try, then the next mirror; when every
 source fails, one error lists each URL with its reason and how to use local copies.
 `request_stop()` (or `stop_on_signals()`) stops every download promptly, keeping its `.part`.
-With `require_archive`, an unpinned URL must serve the archive its name promises (magic bytes),
-so the store's URL index never records an error page.
+
+Also here: `forget_download`, to drop the record of what an unpinned URL gave (the store's URL index,
+written only for an archive that passed the magic-bytes check) when its archive turns out unusable.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from urllib.parse import unquote, urlparse
 import requests
 
 from storage import http
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import ChecksumMismatch, DownloadError, NotAnArchive, SourceUnreachable, TransientError
 from storage.http import Limits, clear_stop, request_stop, stop_requested  # noqa: F401 - the public API
 from storage.progress import Meter, Progress
@@ -314,3 +316,15 @@ def check_archive(path: Path, name: str, url: str) -> None:
     raise NotAnArchive(f"{url} served something that is not {('a ' + want) if want else 'an'} archive but {what} "
                        f"({len(head):,}+ bytes starting {head[:64]!r}); nothing was recorded for this URL; "
                        "check the URL (a login or error page?) or pin the file's sha256")
+
+
+# -- the record of what an unpinned URL gave lives in the store (ArtifactStore.seen_sha256) ----------
+def forget_download(ref: ArtifactRef, data_home: str | None = None) -> bool:
+    """Drop the record of the URL a download artifact came from, if it was unpinned (for a parse step
+    that found the archive unusable), so the next run fetches it again; True if a record was dropped."""
+    store = ArtifactStore(data_home)
+    manifest = store.read_manifest(ref) or {}
+    url = (manifest.get("params") or {}).get("url")
+    if manifest.get("pinned") or not url:
+        return False
+    return store.forget_url(url)

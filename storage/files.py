@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401 - pa.ipc
+import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from storage.errors import InputFormatError, WriteError
@@ -52,7 +52,7 @@ def decode_text_input(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def read_text(path: str | os.PathLike) -> str:
+def read_document(path: str | os.PathLike) -> str:
     """A user's text file (decode_text_input of its bytes)."""
     return decode_text_input(Path(path).read_bytes())
 

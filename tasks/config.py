@@ -111,8 +111,8 @@ class TrainConfig(_Frozen):
     lstm_units: Count = 96
     lstm_max_tokens: Count | None = 400  # the LSTM reads the first N tokens; the bag of words reads all
     lstm_stride: Count = 2  # word vectors concatenated per LSTM step: 2 = word pairs, half the steps
-    swem_branch: StrictBool = False  # masked max+mean of the word vectors (SWEM); got weight 0 in every 20NG mixture
-    bow_branch: StrictBool = True  # a linear bag-of-words branch (per-word class scores, trained from zero)
+    swem_expert: StrictBool = False  # masked max+mean of the word vectors (SWEM); got expert weight 0 on every 20NG run
+    bow_expert: StrictBool = True  # a linear bag-of-words expert (per-word class scores, trained from zero)
     embedding_dropout: Real = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)
     dropout: Real = Field(0.3, ge=0, lt=1)  # before the classifier
     unfreeze_embeddings_after: NonNegative | None = 1  # epochs of frozen GloVe; None = frozen throughout
@@ -121,7 +121,7 @@ class TrainConfig(_Frozen):
     learning_rate: Real = Field(3e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     validation_fraction: Fraction = 0.1  # slice of the TRAIN split for early stopping
-    patience: NonNegative = 5  # epochs without a lower validation loss (of the mixture) before stopping
+    patience: NonNegative = 5  # epochs tolerated without a lower validation loss (of the product of experts)
     seed: Seed = 1337
 
 
@@ -130,7 +130,7 @@ class TrainConfig(_Frozen):
 TRAIN_PRESETS: dict[str, dict] = {
     "default": {},
     "seed": dict(
-        architecture="lstm_last", lstm_units=100, lstm_max_tokens=None, lstm_stride=1, swem_branch=False, bow_branch=False,
+        architecture="lstm_last", lstm_units=100, lstm_max_tokens=None, lstm_stride=1, swem_expert=False, bow_expert=False,
         embedding_dropout=0.2, dropout=0.0, unfreeze_embeddings_after=None, epochs=5, batch_size=32,
         learning_rate=1e-3, lr_schedule="constant", patience=5,
     ),

@@ -31,7 +31,8 @@ import pyarrow as pa
 
 from storage.archives import Member, iter_archive
 from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.errors import InputFormatError
+from storage.download import forget_download
+from storage.errors import InputFormatError, Interrupted, PipelineError
 from storage.files import Staging
 from storage.schemas import DOCUMENTS
 from tasks.config import CorpusConfig
@@ -245,7 +246,13 @@ def corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None
     def build(store: ArtifactStore, out: Staging) -> dict:
         path = store.only_file(archive)
         members = iter_archive(path, cfg.max_extracted_bytes, max_member_bytes=cfg.max_document_bytes)
-        table, stats = build_documents(members, cfg, archive=str(path))
+        try:
+            table, stats = build_documents(members, cfg, archive=str(path))
+        except Interrupted:  # a stop request says nothing about the archive
+            raise
+        except PipelineError:
+            forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
+            raise
         rows = out.write_parquet("documents.parquet", table, DOCUMENTS)
         log = step_logger()
         log.info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{rows:,}",

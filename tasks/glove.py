@@ -23,7 +23,8 @@ import pyarrow.csv as pacsv
 
 from storage.archives import open_zip, open_zip_member
 from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.errors import InputFormatError
+from storage.download import forget_download
+from storage.errors import InputFormatError, Interrupted, PipelineError
 from storage.files import Staging
 from storage.schemas import vectors_schema
 from tasks.config import GloveConfig
@@ -130,7 +131,7 @@ def read_glove_zip(path: str | Path, dim: int, max_bytes: int | None = None) -> 
         source = f"{path}:{member}"
         with open_zip_member(zf, member) as stream:
             try:
-                return parse_vectors(stream, dim, source, reopen=lambda: zf.open(member))
+                return parse_vectors(stream, dim, source, reopen=lambda: open_zip_member(zf, member))
             except InputFormatError:
                 raise
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # e.g. "Bad CRC-32" while streaming
@@ -145,7 +146,13 @@ STEP = Step("glove", version=1)
 def glove(cfg: GloveConfig, archive: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
     """Parse the downloaded GloVe zip's <dim>d member and publish vectors.parquet."""
     def build(store: ArtifactStore, out: Staging) -> dict:
-        table, stats = read_glove_zip(store.only_file(archive), cfg.dim)
+        try:
+            table, stats = read_glove_zip(store.only_file(archive), cfg.dim)
+        except Interrupted:  # a stop request says nothing about the archive
+            raise
+        except PipelineError:
+            forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
+            raise
         rows = out.write_parquet("vectors.parquet", table, vectors_schema(cfg.dim))
         step_logger().info("glove %s: %s words x %d (%d duplicate lines dropped)", glove_member(cfg.dim), f"{rows:,}",
                            cfg.dim, stats["duplicate_words"])

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.checkpoints import CheckpointDir
 from storage.download import stop_requested
-from storage.errors import InputFormatError, Interrupted
+from storage.errors import InputFormatError, Interrupted, PipelineError, TrainingDiverged
 from storage.files import Staging
 from storage.schemas import DOCUMENTS, SEQUENCES
 from tasks.config import TrainConfig
@@ -35,11 +36,10 @@ HISTORY = pa.schema(
         ("val_accuracy", pa.float64()),
         ("learning_rate", pa.float64()),
         ("seconds", pa.float64()),
-        ("mixture", pa.list_(pa.float64())),  # weight of each expert in the classifier after this epoch
+        ("expert_weights", pa.list_(pa.float64())),  # weight of each expert in the classifier after this epoch
         ("expert_val_accuracy", pa.list_(pa.float64())),
     ]
 )
-RUN_FILES = ("model.keras", "history.parquet", "curves.png", "labels.json", "vocab.parquet", "tokenizer.json")
 
 
 # -- pure functions ---------------------------------------------------------------------------------
@@ -91,13 +91,14 @@ def label_names(store: ArtifactStore, tokens: ArtifactRef, n_labels: int) -> lis
 
 
 # -- step -------------------------------------------------------------------------------------------
-STEP = Step("train", version=2)  # 2: sublinear tf-idf bag of words; a version-1 run would predict differently
+STEP = Step("train", version=3)  # 2: sublinear tf-idf bag of words; 3: tasks/model/ package (ExpertProduct, expert_weights)
 
 
 def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str,
               out: Staging) -> dict:
     """Train and write the run files into `out`; returns the manifest extras."""
-    from tasks.model import TrainingInterrupted, fit_classifier  # imports Keras
+    from tasks.model import ModelError, ModelInputError, TrainingInterrupted, fit_classifier  # imports Keras
+    from tasks.model import TrainingDiverged as ModelDiverged
 
     log = step_logger()
     table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["label", "split", "ids"])
@@ -113,10 +114,12 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     try:
         model, history, summary = fit_classifier(
             cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
-            len(names), max_length, store.work_dir(STEP.name, key), log, should_stop=stop_requested,
+            len(names), max_length, CheckpointDir(store.work_dir(STEP.name, key)), log, should_stop=stop_requested,
         )
-    except TrainingInterrupted as exc:
-        raise Interrupted(str(exc)) from None
+    except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
+        kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged,
+                TrainingInterrupted: Interrupted}.get(type(exc), PipelineError)
+        raise kind(str(exc)) from exc
     model.save(out.path("model.keras"))
     out.write_parquet("history.parquet", history_table(history), HISTORY)
     plot_curves(history, out.path("curves.png"), title=f"run {key} ({cfg.preset} preset)")

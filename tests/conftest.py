@@ -30,3 +30,51 @@ def home(tmp_path):
     path = tmp_path / "home"
     path.mkdir()
     return str(path)
+
+
+# Real servers on 127.0.0.1 (tests/servers.py): started on first use, stopped (data deleted) at session end.
+# A missing server package makes the tests that need it skip, with the reason.
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server: .endpoint_url, .env (AWS_ENDPOINT_URL, keys, region us-east-1), .create_bucket(), .client()."""
+    from tests import servers
+
+    reason = servers.s3_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with servers.s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A fresh PostgreSQL cluster with database `prefect` (+ pg_trgm): .url is the postgresql+asyncpg:// URL."""
+    from tests import servers
+
+    reason = servers.postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with servers.postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_server(postgres_server):
+    """`prefect server start` on the PostgreSQL fixture, UI on: .api_url, .ui_url, .client_env."""
+    from tests import servers
+
+    with servers.prefect_server(database_url=postgres_server.url) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of the system Chromium for Playwright (executable_path=...); skips when it or playwright is missing."""
+    from tests import servers
+
+    reason = servers.chromium_unavailable()
+    if reason:
+        pytest.skip(reason)
+    return servers.chromium_executable()

@@ -99,7 +99,7 @@ def half_then_reset(h, s):
 
 
 def half_without_length(h, s):
-    """Close-delimited body cut in half: no transport error at all (RELIABILITY 0.2)."""
+    """Close-delimited body cut in half: no transport error at all."""
     h.send_response(200)
     h.send_header("Connection", "close")
     h.end_headers()

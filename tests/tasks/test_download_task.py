@@ -12,9 +12,10 @@ import pytest
 import storage.download as dl
 from storage.artifacts import ArtifactStore
 from storage.errors import ChecksumMismatch, NotAnArchive, SourceUnreachable
-from tasks.config import Source
-from tasks.download import download, download_key
 from tasks.step import is_transient
+from tasks.config import Source
+from storage.download import forget_download
+from tasks.download import download, download_key
 from tests.storage._http_server import PAYLOAD, SHA, Server, closed_port_url, full
 
 ARCHIVE = gzip.compress(PAYLOAD, mtime=0)  # what an unpinned source must serve: an archive
@@ -100,21 +101,23 @@ def test_unpinned_url_serving_html_records_nothing_and_the_fixed_url_then_succee
         assert f"{srv.url} served something that is not a gzip archive but an HTML page" in message
         assert r"<!DOCTYPE html>\n<html>" in message and "\x1b" not in message  # shown, escaped
         assert download_key(source, ArtifactStore(home)) is None and ArtifactStore(home).list() == []
-        assert not list(Path(home).glob(".urls/*.json"))
+        assert not list((Path(home) / "download").glob(".urls/*.json"))
         ref = download.fn(source, data_home=home)  # the server was fixed
     assert ref.key == ARCHIVE_SHA == download_key(source, ArtifactStore(home)) and len(srv.log) == 2
     assert (Path(ref.uri) / "news.tar.gz").read_bytes() == ARCHIVE
 
 
-def test_forget_url_makes_the_next_run_fetch_an_unpinned_url_again(home):
-    store = ArtifactStore(home)
+def test_forget_download_makes_the_next_run_fetch_an_unpinned_url_again(home):
     with Server([full], body=ARCHIVE) as srv:
         source = Source(url=srv.url, filename="data.tar.gz")
         ref = download.fn(source, data_home=home)
-        store.forget_url(srv.url)
-        assert download_key(source, store) is None
+        assert forget_download(ref, home) is True and download_key(source, ArtifactStore(home)) is None
+        assert forget_download(ref, home) is False  # nothing left to forget
         assert download.fn(source, data_home=home) == ref and len(srv.log) == 2
-        assert download_key(source, store) == ARCHIVE_SHA
+        assert download_key(source, ArtifactStore(home)) == ARCHIVE_SHA
+        assert ArtifactStore(home).forget_url(srv.url) is True and download_key(source, ArtifactStore(home)) is None
+        pinned = download.fn(Source(url=srv.url, sha256=ARCHIVE_SHA, filename="data.tar.gz"), data_home=home)
+    assert forget_download(pinned, home) is False  # a pinned source has no record to drop
 
 
 def test_unreachable_source_fails_fast_and_is_not_retried_by_prefect(home):

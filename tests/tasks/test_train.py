@@ -1,4 +1,6 @@
-"""Training: learns, resumes after a kill, fails clearly on NaN, copes with empty documents, buckets by length."""
+"""Training: learns, resumes after a kill, fails clearly on NaN, copes with empty documents, buckets by length.
+
+The numpy-only product of experts is tested in tests/tasks/model/test_expert_product.py."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from storage.checkpoints import CheckpointDir
 from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.errors import InputFormatError, TrainingDiverged
+from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 from tasks.config import PipelineConfig, TrainConfig, with_preset
 from tests.tasks._training_data import publish_inputs, synthetic_sequences, tiny_config
 
@@ -94,7 +97,7 @@ def test_presets():
     assert (seed.tokenize.num_words, seed.tokenize.max_length) == (20_000, 1000)
     assert seed.train.preset == "seed" and seed.train.architecture == "lstm_last" and seed.train.lstm_units == 100
     assert seed.train.unfreeze_embeddings_after is None and (seed.train.epochs, seed.train.batch_size) == (5, 32)
-    assert not seed.train.bow_branch and not seed.train.swem_branch and seed.train.lstm_stride == 1  # one word per step
+    assert not seed.train.bow_expert and not seed.train.swem_expert and seed.train.lstm_stride == 1  # one word per step
     default = with_preset(seed, "default")
     assert default.train == TrainConfig() and default.tokenize.num_words == PipelineConfig().tokenize.num_words
     with pytest.raises(ValueError, match="unknown preset"):
@@ -106,16 +109,16 @@ KILL_AFTER_FIRST_EPOCH = textwrap.dedent(
     """
     import json, os, signal, sys
     from storage.artifacts import ArtifactRef
-    from tasks import model
     from tasks.config import TrainConfig
+    from tasks.model import training
     from tasks.train import train
 
-    save = model.EpochCheckpoint._save
+    save = training.EpochCheckpoint._save
     def save_then_die(self, epoch, improved, stopped):
         save(self, epoch, improved, stopped)
         if epoch == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: like the OOM killer
-    model.EpochCheckpoint._save = save_then_die
+    training.EpochCheckpoint._save = save_then_die
     args = json.loads(sys.argv[1])
     train.fn(TrainConfig(**args["cfg"]), ArtifactRef(**args["tokens"]), ArtifactRef(**args["embeddings"]), data_home=args["home"])
     """
@@ -150,23 +153,23 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
     sequences, labels, matrix = synthetic_sequences()
     cfg = tiny_config(epochs=2)
-    _, _, first = fit_classifier(cfg, sequences, labels, matrix, 3, 30, tmp_path)
+    _, _, first = fit_classifier(cfg, sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert first["epochs_run"] == 2
     (tmp_path / "ckpt-0002" / "state.weights.h5").write_bytes(b"torn")  # e.g. a disk-full write
-    _, history, again = fit_classifier(cfg.model_copy(update={"epochs": 3}), sequences, labels, matrix, 3, 30, tmp_path)
+    _, history, again = fit_classifier(cfg.model_copy(update={"epochs": 3}), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert again["resumed_from_epoch"] == 1
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
 # -- failures -----------------------------------------------------------------------------------------
 def test_nan_loss_fails_with_training_diverged_and_keeps_no_checkpoint(tmp_path, monkeypatch):
-    from tasks import model
+    from tasks.model import training
 
     sequences, labels, matrix = synthetic_sequences()
     matrix[1:] = np.nan  # what a corrupt vectors file would give
-    monkeypatch.setattr(model, "check_inputs", lambda *a: None)  # get past the up-front check to the training guard
-    with pytest.raises(TrainingDiverged, match="lower learning_rate"):
-        model.fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp_path)
+    monkeypatch.setattr(training, "check_inputs", lambda *a: None)  # get past the up-front check to the training guard
+    with pytest.raises(training.TrainingDiverged, match="lower learning_rate"):
+        training.fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert not list(tmp_path.glob("ckpt-*")), "no checkpoint (and no best weights) from a diverged epoch"
 
 
@@ -179,11 +182,11 @@ def test_nan_embedding_matrix_through_the_task_is_rejected_before_training(home)
 
 
 def test_matrix_that_does_not_match_the_vocabulary_is_rejected_before_building(tmp_path):
-    from tasks.model import fit_classifier
+    from tasks.model import ModelInputError, fit_classifier
 
     sequences, labels, matrix = synthetic_sequences(vocab=30)
-    with pytest.raises(InputFormatError, match="rows"):
-        fit_classifier(tiny_config(), sequences, labels, matrix[:10], 3, 30, tmp_path)
+    with pytest.raises(ModelInputError, match="rows"):
+        fit_classifier(tiny_config(), sequences, labels, matrix[:10], 3, 30, CheckpointDir(tmp_path))
 
 
 # -- empty documents, padding and bucketing -------------------------------------------------------------
@@ -195,7 +198,7 @@ def test_batches_holding_empty_documents_train_without_nan(tmp_path, architectur
     ids, lengths = pad_batch([sequences[0], sequences[25]], 30)
     assert lengths[0] == 1 and ids[0, 0] == 0, "an empty document becomes one padding step, never a fully-masked row"
     cfg = tiny_config(architecture=architecture, batch_size=64, epochs=1)  # one batch holds all of them
-    classifier, history, _ = fit_classifier(cfg, sequences, labels, matrix, 3, 30, tmp_path)
+    classifier, history, _ = fit_classifier(cfg, sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     assert np.isfinite(history[0]["loss"]) and np.isfinite(history[0]["val_loss"])
     probs = predict_proba(classifier, [np.zeros(0, np.int32), sequences[30]], 30)
     assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
@@ -206,7 +209,7 @@ def test_predictions_do_not_depend_on_the_padding_of_the_batch(tmp_path):
     from tasks.model import fit_classifier, predict_proba
 
     sequences, labels, matrix = synthetic_sequences(n=60)
-    classifier, _, _ = fit_classifier(tiny_config(epochs=1), sequences, labels, matrix, 3, 30, tmp_path)
+    classifier, _, _ = fit_classifier(tiny_config(epochs=1), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
     short, long_ = sequences[3][:4], np.arange(1, 29, dtype=np.int32)
     alone = predict_proba(classifier, [short], 30)
     padded = predict_proba(classifier, [short, long_], 30)  # one batch, padded to 28 steps
@@ -269,34 +272,6 @@ def test_merge_steps_concatenates_word_pairs_within_each_length():
     np.testing.assert_array_equal(np.asarray(lengths), [2, 1, 3])
 
 
-def test_mixture_weights_are_chosen_on_validation_loss():
-    from tasks.model import _log_loss, choose_mixture, mixture_probabilities
-
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, size=400)
-    logits = rng.normal(0, 1, size=(400, 4))
-    logits[np.arange(400), labels] += 1.0
-    calibrated = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    sharp = np.exp(6 * logits) / np.exp(6 * logits).sum(1, keepdims=True)  # right as often, far too sure of itself
-    noise = rng.dirichlet(np.ones(4), size=400)
-    experts = np.stack([sharp, noise, calibrated], axis=1)
-
-    weights, loss = choose_mixture(experts, labels)
-    assert loss == pytest.approx(_log_loss(mixture_probabilities(experts, weights), labels))
-    assert weights[1] < 0.05, "an uninformative expert gets (almost) no weight"
-    assert weights[0] < 0.5 * weights[2], "an over-confident expert is damped, not trusted"
-    # The convex optimum: no point of a fine grid over [0, 4]^3 does better.
-    grid = np.stack(np.meshgrid(*[np.linspace(0, 4, 21)] * 3), -1).reshape(-1, 3)
-    best_on_grid = min(_log_loss(mixture_probabilities(experts, w), labels) for w in grid)
-    assert loss <= best_on_grid + 1e-6
-
-    separable = np.stack([calibrated, calibrated], axis=1)
-    weights, _ = choose_mixture(separable, calibrated.argmax(1), max_weight=4.0)
-    np.testing.assert_allclose(weights, [4.0, 4.0], err_msg="sharpening is bounded when the slice is separable")
-    mixed = mixture_probabilities(np.stack([calibrated, calibrated], axis=1), np.array([0.5, 0.5]))
-    np.testing.assert_allclose(mixed, calibrated, rtol=1e-6)
-
-
 def test_bag_of_words_weighs_terms_by_sublinear_tf_idf():
     """Per occurrence (1 + ln tf) / tf * idf, so each word counts (1 + ln tf) * idf, over the tf-idf vector's norm."""
     from tasks.model import BagOfWordsScores, term_counts
@@ -325,11 +300,12 @@ BACKEND_SMOKE = textwrap.dedent(
     """
     import sys, tempfile
     import numpy as np
+    from storage.checkpoints import CheckpointDir
     from tasks.model import fit_classifier, load_model, predict_proba
     from tests.tasks._training_data import synthetic_sequences, tiny_config
     sequences, labels, matrix = synthetic_sequences(n=60, empty=5)
     with tempfile.TemporaryDirectory() as tmp:
-        classifier, history, summary = fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp)
+        classifier, history, summary = fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, CheckpointDir(tmp))
         assert summary["backend"] == sys.argv[1], summary
         assert all(np.isfinite(h["loss"]) for h in history)
         probs = predict_proba(classifier, sequences[:10], 30)
@@ -350,17 +326,32 @@ def test_same_code_trains_on_other_backends(backend):
     assert child.returncode == 0 and "ok" in child.stdout, child.stderr[-3000:]
 
 
-
 def test_out_of_memory_is_reported_as_a_batch_size_problem(tmp_path, monkeypatch):
     import keras
 
-    from storage.errors import PipelineError
-    from tasks.model import fit_classifier
+    from tasks.model import OutOfDeviceMemory, fit_classifier
 
     def oom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(keras.Model, "fit", oom)
     sequences, labels, matrix = synthetic_sequences()
-    with pytest.raises(PipelineError, match="batch_size=16"):
-        fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, tmp_path)
+    with pytest.raises(OutOfDeviceMemory, match="batch_size=16"):
+        fit_classifier(tiny_config(), sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path))
+
+
+@pytest.mark.parametrize("raised, expected", [
+    ("ModelInputError", InputFormatError), ("TrainingDiverged", TrainingDiverged), ("OutOfDeviceMemory", PipelineError),
+])
+def test_the_task_turns_the_models_errors_into_the_pipelines(home, monkeypatch, raised, expected):
+    import tasks.model
+    from tasks.train import train
+
+    def fail(*args, **kwargs):
+        raise getattr(tasks.model, raised)(f"{raised} message")
+
+    monkeypatch.setattr(tasks.model, "fit_classifier", fail)
+    tokens, embeddings, _ = publish_inputs(home, seed=3)
+    with pytest.raises(expected, match=f"^{raised} message$") as failure:
+        train.fn(tiny_config(), tokens, embeddings, data_home=home)
+    assert isinstance(failure.value.__cause__, tasks.model.ModelError)
