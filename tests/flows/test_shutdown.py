@@ -102,9 +102,9 @@ def test_sigterm_in_a_retry_after_sleep_exits_143_within_5s_stops_the_api_server
 def test_sigint_during_training_exits_130_within_5s_and_the_rerun_resumes_from_the_last_epoch(
         tiny_sources, home, tmp_path, subprocess_env):
     config = tiny_config_dict(tiny_sources, home)
-    config["train"].update(epochs=12, patience=100)
+    config["train"].update(epochs=20, patience=100)  # epochs after the first take ~0.3 s each
     child = start_cli(tmp_path, "stopped", config, subprocess_env, "run")
-    wait_for_line(child, tmp_path / "stopped.log", "epoch 1/12")
+    wait_for_line(child, tmp_path / "stopped.log", "epoch 1/20")
     assert stop_and_time(child, signal.SIGINT) < 5
     out = (tmp_path / "stopped.log").read_text()
     assert child.returncode == 130, out[-3000:]
@@ -115,7 +115,7 @@ def test_sigint_during_training_exits_130_within_5s_and_the_rerun_resumes_from_t
     rerun = start_cli(tmp_path, "rerun", config, subprocess_env, "run")
     assert rerun.wait(timeout=240) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
     log = (tmp_path / "rerun.log").read_text()
-    assert "resuming from ckpt-" in log and "epoch 12/12" in log and "epoch 1/12" not in log
+    assert "resuming from ckpt-" in log and "epoch 20/20" in log and "epoch 1/20" not in log
 
 
 def test_kill_9_of_the_cli_leaves_no_temporary_api_server(tiny_sources, home, tmp_path, glove_server):
