@@ -33,9 +33,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import build_config
 
     config = build_config([read_config_file(path) for path in args.config], args.overrides, args.preset, args.data_home)
+    from prefect.settings import PREFECT_API_URL
+
     from flows.pipeline import pipeline
 
-    if not os.environ.get("PREFECT_API_URL"):  # Prefect will start a temporary API server: ours to stop
+    if not PREFECT_API_URL.value():  # Prefect will start a temporary API server, our child: ours to stop
         args.shutdown.start_lifeline()
     summary = args.shutdown.run(lambda: pipeline(config, until=args.until, train_deployment=args.train_deployment))
     print(json.dumps(summary, indent=2, default=str) if args.json else render.summary(summary))
