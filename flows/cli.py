@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults(args.verbose or args.debug)
     args.shutdown = shutdown = Shutdown().install()
     try:
-        return _run_command(args)
+        code = _run_command(args)
+        shutdown.exit_if_signalled(code)
+        return code
     finally:
         shutdown.uninstall()
 

@@ -7,11 +7,12 @@
   retry sleeps, archive reading and training check it between members and batches) and the
   flow fails with an `Interrupted` error. Partial downloads and finished training epochs are
   kept; an artifact is published whole or not at all (the store renames a complete directory).
+- Once the flow has unwound (well under a second), the CLI prints one line, sends Prefect its last
+  logs, stops its children - the temporary Prefect API server that Prefect starts when
+  PREFECT_API_URL is unset - and leaves with os._exit (the interpreter's own teardown, TensorFlow's
+  included, takes seconds). A server the user runs (PREFECT_API_URL set) is not a child: left alone.
 - Whatever the process is doing, it exits GRACE_S after the signal at the latest; a second
-  signal exits at once. Either way the exit code is 128 + signal (130 SIGINT, 143 SIGTERM),
-  with one line on stderr, and the process's children are stopped first: the temporary
-  Prefect API server that Prefect starts when PREFECT_API_URL is unset. A server the user runs
-  (PREFECT_API_URL set) is not a child and is left alone.
+  signal exits at once. The exit code is 128 + signal (130 SIGINT, 143 SIGTERM).
 - kill -9 cannot be caught: flows.lifeline, a small watchdog process, stops the children then.
 """
 
@@ -25,6 +26,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import psutil  # imported now: the deadline thread may run during interpreter shutdown, when importing is unsafe
 
 GRACE_S = 2.5  # + CHILD_STOP_S: well within the 5 s a user or a service manager waits
 CHILD_STOP_S = 1.0
@@ -113,14 +116,24 @@ class Shutdown:
         return f"newsgroups-lstm: stopped by {name}: " + (detail or "nothing half-done was published; the next run "
                                                              "resumes partial downloads and finished training epochs")
 
-    def finish(self, detail: str = "") -> int:
-        """Print the one line (once: the deadline may get here first); the exit code.
-
-        The temporary API server is left to Prefect's own exit handler, which stops it after the
-        last logs went out to it; the deadline stops it if that takes too long."""
+    def finish(self, detail: str = "", drain: bool = True) -> int:
+        """Print the one line, send Prefect the run's last logs, stop our children (the temporary API
+        server: Prefect's own exit handler would wait for its graceful shutdown); the exit code.
+        Once only: the deadline may get here first."""
         if self._exit_lock.acquire(blocking=False):
             print(self.message(detail), file=sys.stderr, flush=True)
+            if drain:
+                _flush_prefect(timeout=0.5)
+            stop_children(exclude=self._lifeline.pid if self._lifeline else None)
         return self.exit_code
+
+    def exit_if_signalled(self, code: int) -> None:
+        """After a signal: leave now. Everything is written and our children are stopped; the interpreter's
+        own teardown (TensorFlow's included) takes seconds, and the deadline cannot run during it."""
+        if self._signalled.is_set() and not self._closed:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     # -- signals --------------------------------------------------------------------------------
     def _handle(self, signum: int, frame) -> None:
@@ -140,16 +153,14 @@ class Shutdown:
         self._exit_now()
 
     def _exit_now(self) -> None:
-        code = self.finish()
-        stop_children(exclude=self._lifeline.pid if self._lifeline else None)
+        code = self.finish(drain=False)  # late already: no waiting for Prefect's logs
+        stop_children(exclude=self._lifeline.pid if self._lifeline else None)  # in case finish() is stuck elsewhere
         sys.stdout.flush()
         os._exit(code)
 
 
 def stop_children(exclude: int | None = None, timeout: float = CHILD_STOP_S) -> list[int]:
     """Terminate this process's descendants (then kill what is left after `timeout`); their pids."""
-    import psutil
-
     children = [p for p in psutil.Process().children(recursive=True) if p.pid != exclude]
     for process in children:
         try:
@@ -163,6 +174,17 @@ def stop_children(exclude: int | None = None, timeout: float = CHILD_STOP_S) -> 
         except psutil.Error:
             pass
     return [p.pid for p in children]
+
+
+def _flush_prefect(timeout: float) -> None:
+    """Send the logs and events Prefect still holds to its API before that API goes away (else Prefect
+    prints "Error logging to API" at exit, or a server the user runs misses the run's last lines)."""
+    for module, worker in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
+        if module in sys.modules:
+            try:
+                getattr(sys.modules[module], worker).drain_all(timeout=timeout)
+            except Exception:  # noqa: BLE001 - best effort: the run's state is already reported
+                pass
 
 
 def _repo_root() -> str:
