@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     """args.func(args) with every outcome mapped to one line and an exit code."""
     from storage.errors import Interrupted, PipelineError
+    from storage.files import is_write_error, write_error
 
     shutdown: Shutdown = args.shutdown
     try:
@@ -268,6 +269,8 @@ def _run_command(args: argparse.Namespace) -> int:
             raise
         if args.debug:
             traceback.print_exc()
+        if is_write_error(exc) and exc.filename:  # e.g. creating the data home on a read-only file system
+            exc = write_error(exc, exc.filename)
         kind = "" if isinstance(exc, PipelineError) else f"{type(exc).__name__}: "
         hint = "" if args.debug else " (--debug shows the traceback)"
         print(f"newsgroups-lstm: failed: {kind}{exc}{hint if not isinstance(exc, PipelineError) else ''}",
