@@ -326,8 +326,7 @@ def disk_error(exc: OSError, path: Path, url: str, dest: Path, action: str = "wr
 
 
 def disk_margin(total: int) -> int:
-    """Free space a download leaves: DISK_MARGIN_BYTES, but at most 2% of the file system, so a small
-    disk (a 100 MB volume, a CI tmpfs) is not refused for a margin bigger than itself."""
+    """Free space a download leaves: DISK_MARGIN_BYTES, at most 2% of the file system (a small disk is not refused)."""
     return min(DISK_MARGIN_BYTES, total // 50)
 
 

@@ -272,12 +272,10 @@ def fit_classifier(
     log: logging.Logger | logging.LoggerAdapter | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[keras.Model, list[dict], dict]:
-    """Train on `sequences` (a validation slice of them drives early stopping); resume from `checkpoints`
-    (a storage.checkpoints.CheckpointDir: this package never touches files itself). `should_stop` is
-    asked after every batch: when it returns True, training ends with TrainingInterrupted.
-
-    Returns (classifier with the best validation weights, per-epoch history, summary).
-    Raises ModelInputError, TrainingDiverged, OutOfDeviceMemory or TrainingInterrupted (tasks.model.errors).
+    """Train on `sequences` (a validation slice drives early stopping), resuming from `checkpoints` (a
+    storage.checkpoints.CheckpointDir: this package touches no files) and stopping once `should_stop()`.
+    Returns (classifier with the best validation weights, per-epoch history, summary); raises
+    ModelInputError, TrainingDiverged, OutOfDeviceMemory or TrainingInterrupted (tasks.model.errors).
     """
     log = log or logging.getLogger(PACKAGE)
     labels = np.asarray(labels, dtype=np.int32)
