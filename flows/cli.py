@@ -12,14 +12,15 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from storage.errors import UsageError
-
 from flows import render
+from flows.shutdown import Shutdown, Stopped
+from storage.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # = flows.steps.STAGES, without importing Prefect
@@ -35,9 +36,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from storage.artifacts import ArtifactStore
 
     ArtifactStore(config.data_home).check()  # a bad data home fails in a second, before Prefect starts
+    from prefect.settings import PREFECT_API_URL
+
     from flows.pipeline import pipeline
 
-    summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
+    if not PREFECT_API_URL.value():  # Prefect will start a temporary API server, our child: ours to stop
+        args.shutdown.start_lifeline()
+    summary = args.shutdown.run(lambda: pipeline(config, until=args.until, train_deployment=args.train_deployment))
     print(json.dumps(summary, indent=2, default=str) if args.json else render.summary(summary))
     return EXIT_OK
 
@@ -74,27 +79,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
-    from storage.files import read_document
+    """The texts to classify. Every source is read as bytes and decoded the same way (UTF-8, undecodable bytes
+    as U+FFFD: storage.files.decode_text_input), so one input gives one prediction whatever way it came in."""
+    from storage.files import decode_text_input, read_document
 
-    chunks: list[str] = []
+    sources: list[tuple[str, str]] = []  # (where it came from, text)
     for path in args.file:
         if not Path(path).is_file():
             raise UsageError(f"text file {path} not found")
-        chunks.append(read_document(path))
-    texts = list(args.texts)
-    if "-" in texts or (not texts and not chunks and not sys.stdin.isatty()):
-        texts = [t for t in texts if t != "-"]
-        chunks.append(sys.stdin.read())
+        sources.append((f"file {path}", read_document(path)))
+    texts = [(f"argument {i}", decode_text_input(os.fsencode(t))) for i, t in enumerate(args.texts, 1) if t != "-"]
+    if "-" in args.texts or (not args.texts and not args.file and not sys.stdin.isatty()):
+        sources.append(("stdin", decode_text_input(sys.stdin.buffer.read())))
     if args.lines:
-        texts += [line for chunk in chunks for line in chunk.splitlines() if line.strip()]
+        texts += [(f"{where}, line {n}", line) for where, chunk in sources
+                  for n, line in enumerate(chunk.splitlines(), 1) if line.strip()]
+        if sources and not texts:
+            raise UsageError(f"nothing to classify: {' and '.join(w for w, _ in sources)} holds no non-blank line")
     else:
-        texts += chunks
+        texts += sources
     if not texts:
         raise UsageError("nothing to classify: give texts as arguments, --file PATH, or pipe them on stdin")
-    return texts
+    if blank := [where for where, text in texts if not text.strip()]:
+        raise UsageError(f"nothing to classify in {', '.join(blank)}: it is empty or only whitespace")
+    return [text for _, text in texts]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
     store = _store(args)
     if args.run:
         run = store.resolve(args.run)
@@ -104,7 +116,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"no trained run in {store.root}: run `newsgroups-lstm run` first")
     if run.step != "train":
         raise UsageError(f"{run.step}/{run.key} is not a trained run (expected train/<key>)")
-    texts = _read_texts(args)
     from tasks.predict import predict
 
     results = []
@@ -256,19 +267,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
     _quiet_defaults(args.verbose or args.debug)
+    args.shutdown = shutdown = Shutdown().install()
     try:
-        return args.func(args)
+        code = _run_command(args)
+        shutdown.exit_if_signalled(code)
+        return code
+    finally:
+        shutdown.uninstall()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """args.func(args) with every outcome mapped to one line and an exit code."""
+    from storage.errors import Interrupted, PipelineError
+    from storage.files import is_write_error, write_error
+
+    shutdown: Shutdown = args.shutdown
+    try:
+        code = args.func(args)
+        return shutdown.finish() if shutdown.stopping else code  # a signal that came as the work ended
     except UsageError as exc:
         print(f"newsgroups-lstm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("newsgroups-lstm: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, a traceback only on request
-        from storage.errors import PipelineError
-
+    except (Stopped, KeyboardInterrupt):
+        if not shutdown.stopping:  # a KeyboardInterrupt without our handler (main() called off the main thread)
+            shutdown.signum = signal.SIGINT
+        return shutdown.finish()
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary: one line, a traceback only on request
+        if shutdown.stopping:  # the stop's own Interrupted error, or whatever else the stop made fail
+            return shutdown.finish(str(exc) if isinstance(exc, Interrupted) else "")
+        if not isinstance(exc, Exception):
+            raise
         if args.debug:
             traceback.print_exc()
+        if is_write_error(exc) and exc.filename:  # e.g. creating the data home on a read-only file system
+            exc = write_error(exc, exc.filename)
         kind = "" if isinstance(exc, PipelineError) else f"{type(exc).__name__}: "
         hint = "" if args.debug else " (--debug shows the traceback)"
         print(f"newsgroups-lstm: failed: {kind}{exc}{hint if not isinstance(exc, PipelineError) else ''}",

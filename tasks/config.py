@@ -10,11 +10,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from storage.errors import UsageError
+
+# Strict scalars: a config value is never coerced. `train.epochs=true` or "3" is refused rather than read as 1 or 3,
+# a float must be finite, and sizes and counts are bounded (JSON and TOML give ints as ints, floats as floats).
+Count = Annotated[int, Field(strict=True, ge=1)]  # sizes, counts, batch sizes: at least 1
+NonNegative = Annotated[int, Field(strict=True, ge=0)]
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**32)]  # what numpy and Keras accept
+Real = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # an int is accepted, a bool or a string is not
+Fraction = Annotated[Real, Field(gt=0, lt=1)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 
 
 class _Frozen(BaseModel):
@@ -24,9 +33,9 @@ class _Frozen(BaseModel):
 class Source(_Frozen):
     """One downloadable file. sha256=None means 'record what was seen' (unpinned mirror)."""
 
-    url: str
-    sha256: str | None = None
-    size: int | None = None
+    url: str = Field(min_length=1)
+    sha256: Sha256 | None = None
+    size: Count | None = None
     mirrors: tuple[str, ...] = ()  # tried in order when `url` fails permanently or keeps failing
     filename: str | None = None  # defaults to the last path component of the URL
 
@@ -66,9 +75,12 @@ class SourcesConfig(_Frozen):
 
 class CorpusConfig(_Frozen):
     strip: tuple[Literal["headers", "footers", "quotes"], ...] = ()  # like sklearn's remove=
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for corpora without a test split
-    seed: int = 1337
-    max_extracted_bytes: int = 2 * 1024**3
+    test_fraction: Fraction = 0.2  # only for corpora without a test split
+    seed: Seed = 1337
+    max_extracted_bytes: Count = 2 * 1024**3  # all members together (decompression bombs)
+    # Each document keeps at most this many bytes (the rest is cut, and listed in the manifest), so one
+    # huge member cannot exhaust memory. The largest 20news-bydate / news20 message is 160,616 bytes.
+    max_document_bytes: Count = 1024**2
 
 
 class GloveConfig(_Frozen):
@@ -76,16 +88,16 @@ class GloveConfig(_Frozen):
 
 
 class TokenizeConfig(_Frozen):
-    num_words: int = Field(50_000, ge=1)  # vocabulary size (ids 1..num_words; 0 = padding)
-    lower: bool = True
+    num_words: Count = 50_000  # vocabulary size (ids 1..num_words; 0 = padding)
+    lower: StrictBool = True
     filters: str = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
-    max_length: int = Field(1000, ge=1)
+    max_length: Count = 1000
     truncation: Literal["head", "tail", "both"] = "head"
 
 
 class EmbeddingsConfig(_Frozen):
     oov_init: Literal["zeros", "normal"] = "normal"  # rows of words GloVe does not know
-    seed: int = 1337
+    seed: Seed = 1337
 
 
 class TrainConfig(_Frozen):
@@ -96,21 +108,21 @@ class TrainConfig(_Frozen):
     # bilstm_pool: the same read in both directions (about 2x the time per epoch on CPU, no better on 20NG);
     # lstm_last: one LSTM read up to each document's last token (the original recipe, no Dense(1) bottleneck)
     architecture: Literal["lstm_pool", "bilstm_pool", "lstm_last"] = "lstm_pool"
-    lstm_units: int = Field(96, ge=1)
-    lstm_max_tokens: int | None = Field(400, ge=1)  # the LSTM reads the first N tokens; the bag of words reads all
-    lstm_stride: int = Field(2, ge=1)  # word vectors concatenated per LSTM step: 2 = word pairs, half the steps
-    swem_expert: bool = False  # masked max+mean of the word vectors (SWEM); got expert weight 0 on every 20NG run
-    bow_expert: bool = True  # a linear bag-of-words expert (per-word class scores, trained from zero)
-    embedding_dropout: float = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)
-    dropout: float = Field(0.3, ge=0, lt=1)  # before the classifier
-    unfreeze_embeddings_after: int | None = Field(1, ge=0)  # epochs of frozen GloVe; None = frozen throughout
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(3e-3, gt=0)
+    lstm_units: Count = 96
+    lstm_max_tokens: Count | None = 400  # the LSTM reads the first N tokens; the bag of words reads all
+    lstm_stride: Count = 2  # word vectors concatenated per LSTM step: 2 = word pairs, half the steps
+    swem_expert: StrictBool = False  # masked max+mean of the word vectors (SWEM); got expert weight 0 on every 20NG run
+    bow_expert: StrictBool = True  # a linear bag-of-words expert (per-word class scores, trained from zero)
+    embedding_dropout: Real = Field(0.2, ge=0, lt=1)  # drops whole embedding channels (the recipe's input dropout)
+    dropout: Real = Field(0.3, ge=0, lt=1)  # before the classifier
+    unfreeze_embeddings_after: NonNegative | None = 1  # epochs of frozen GloVe; None = frozen throughout
+    epochs: Count = 20
+    batch_size: Count = 64
+    learning_rate: Real = Field(3e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    validation_fraction: float = Field(0.1, gt=0, lt=1)  # slice of the TRAIN split for early stopping
-    patience: int = Field(5, ge=0)  # epochs tolerated without a lower validation loss (of the product of experts)
-    seed: int = 1337
+    validation_fraction: Fraction = 0.1  # slice of the TRAIN split for early stopping
+    patience: NonNegative = 5  # epochs tolerated without a lower validation loss (of the product of experts)
+    seed: Seed = 1337
 
 
 # The original recipe: 20,000 words, 1,000 tokens, frozen GloVe, LSTM(100), input dropout 0.2,
@@ -130,7 +142,7 @@ TOKENIZE_PRESETS: dict[str, dict] = {
 
 
 class EvaluateConfig(_Frozen):
-    batch_size: int = Field(256, ge=1)  # documents per prediction batch
+    batch_size: Count = 256  # documents per prediction batch
 
 
 class PipelineConfig(_Frozen):
@@ -164,7 +176,10 @@ def source_from_env(name: str, source: Source, environ: Mapping[str, str] = os.e
         changes.update(url=url, mirrors=(), size=None, sha256=None, filename=source.name)
     if sha:
         changes["sha256"] = sha.lower()
-    return source.model_copy(update=changes)
+    try:
+        return Source.model_validate({**source.model_dump(), **changes})
+    except ValidationError as exc:
+        raise UsageError(f"{prefix}_URL / {prefix}_SHA256: {_problems(exc)}") from None
 
 
 def with_source_env(config: PipelineConfig, environ: Mapping[str, str] = os.environ) -> PipelineConfig:
@@ -238,5 +253,11 @@ def build_config(layers: Sequence[Mapping], overrides: Sequence[str] = (), prese
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"invalid configuration: {problems}") from None
+        raise UsageError(f"invalid configuration: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    """Each problem as `dotted.field: message (got <value>)`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+                     + (f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else "")
+                     for e in exc.errors())

@@ -50,6 +50,7 @@ _EXPORTS = {
     "ModelInputError": "errors",
     "OutOfDeviceMemory": "errors",
     "TrainingDiverged": "errors",
+    "TrainingInterrupted": "errors",
 }
 __all__ = tuple(sorted(_EXPORTS))
 
