@@ -12,14 +12,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flows import render
+from flows.shutdown import Shutdown, Stopped
 from storage.errors import UsageError
 from tasks.progress import PROGRESS_LOGGER
 
@@ -34,10 +36,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import build_config
 
     config = build_config([read_config_file(path) for path in args.config], args.overrides, args.preset, args.data_home)
+    from storage.artifacts import ArtifactStore
+
+    ArtifactStore(config.data_home).check()  # a bad data home fails in a second, before Prefect starts
     with prefect_api(started_early=start_local_api_early()) as api:
         from flows.pipeline import pipeline
 
-        summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
+        if api.kind == "temporary":  # Prefect will start a temporary API server, our child: ours to stop
+            args.shutdown.start_lifeline()
+        summary = args.shutdown.run(lambda: pipeline(config, until=args.until, train_deployment=args.train_deployment))
     if api.kind == "temporary":  # its UI is gone with it
         summary.get("flow_run", {}).pop("ui_url", None)
     print(json.dumps(summary, indent=2, default=str) if args.json else render.summary(summary))
@@ -130,9 +137,12 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace):
+    """The data home's store, checked: an unreachable or misconfigured one fails here with one line."""
     from storage.artifacts import ArtifactStore
 
-    return ArtifactStore(args.data_home)
+    store = ArtifactStore(args.data_home)
+    store.check()
+    return store
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -158,27 +168,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
-    from storage.files import read_document
+    """The texts to classify. Every source is read as bytes and decoded the same way (UTF-8, undecodable bytes
+    as U+FFFD: storage.files.decode_text_input), so one input gives one prediction whatever way it came in."""
+    from storage.files import decode_text_input, read_document
 
-    chunks: list[str] = []
+    sources: list[tuple[str, str]] = []  # (where it came from, text)
     for path in args.file:
         if not Path(path).is_file():
             raise UsageError(f"text file {path} not found")
-        chunks.append(read_document(path))
-    texts = list(args.texts)
-    if "-" in texts or (not texts and not chunks and not sys.stdin.isatty()):
-        texts = [t for t in texts if t != "-"]
-        chunks.append(sys.stdin.read())
+        sources.append((f"file {path}", read_document(path)))
+    texts = [(f"argument {i}", decode_text_input(os.fsencode(t))) for i, t in enumerate(args.texts, 1) if t != "-"]
+    if "-" in args.texts or (not args.texts and not args.file and not sys.stdin.isatty()):
+        sources.append(("stdin", decode_text_input(sys.stdin.buffer.read())))
     if args.lines:
-        texts += [line for chunk in chunks for line in chunk.splitlines() if line.strip()]
+        texts += [(f"{where}, line {n}", line) for where, chunk in sources
+                  for n, line in enumerate(chunk.splitlines(), 1) if line.strip()]
+        if sources and not texts:
+            raise UsageError(f"nothing to classify: {' and '.join(w for w, _ in sources)} holds no non-blank line")
     else:
-        texts += chunks
+        texts += sources
     if not texts:
         raise UsageError("nothing to classify: give texts as arguments, --file PATH, or pipe them on stdin")
-    return texts
+    if blank := [where for where, text in texts if not text.strip()]:
+        raise UsageError(f"nothing to classify in {', '.join(blank)}: it is empty or only whitespace")
+    return [text for _, text in texts]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
     store = _store(args)
     if args.run:
         run = store.resolve(args.run)
@@ -188,7 +205,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"no trained run in {store.root}: run `newsgroups-lstm run` first")
     if run.step != "train":
         raise UsageError(f"{run.step}/{run.key} is not a trained run (expected train/<key>)")
-    texts = _read_texts(args)
     from tasks.predict import predict
 
     results = []
@@ -201,6 +217,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(render.predictions(results))
     return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    checked, damaged = store.verify(args.target)
+    if args.target and not checked:
+        raise UsageError(f"no artifact {args.target!r} in {store.root} (list them with `newsgroups-lstm inspect`)")
+    for name, problem, moved_to in damaged:
+        print(f"DAMAGED {name}: {problem}; moved to {moved_to}")
+    print(f"{len(damaged)} of {checked} artifacts in {store.root} damaged (moved aside; the next run rebuilds them)"
+          if damaged else f"{checked} artifacts in {store.root}: every file matches its manifest")
+    return EXIT_FAILED if damaged else EXIT_OK
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -262,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     _add_predict_parser(sub, common, add_home)
+    add_home(_add_verify_parser(sub, common))
     _add_server_parser(sub, common)
     return parser
 
@@ -278,6 +307,17 @@ def _add_predict_parser(sub, common: argparse.ArgumentParser, add_home) -> None:
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_home(predict)
     predict.set_defaults(func=cmd_predict)
+
+
+def _add_verify_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    verify = sub.add_parser("verify", parents=[common], help="re-hash every stored file against its manifest",
+                            description="Check every artifact (or one STEP or STEP/KEY) file by file against the "
+                                        "sha256 in its manifest, ignoring the stamps of earlier checks. A damaged "
+                                        "artifact is moved to <step>/.quarantine/ and rebuilt by the next run. "
+                                        "Exit 0 if all is sound, 1 if anything was damaged.")
+    verify.add_argument("target", nargs="?", metavar="STEP[/KEY]", help="only this step, or this artifact (key prefix)")
+    verify.set_defaults(func=cmd_verify)
+    return verify
 
 
 def _add_server_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -309,24 +349,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
     _quiet_defaults(args.verbose or args.debug, args.debug)
-    try:
-        if args.verbose or args.debug:  # Prefect's console log shows the same records
-            return args.func(args)
-        from flows.console import progress_output
+    args.shutdown = shutdown = Shutdown().install()
+    from flows.console import progress_output
 
-        with progress_output():
-            return args.func(args)
+    try:  # with -v/--debug, Prefect's console log shows the progress lines instead
+        with nullcontext() if args.verbose or args.debug else progress_output():
+            code = _run_command(args)
+        shutdown.exit_if_signalled(code)
+        return code
+    finally:
+        shutdown.uninstall()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """args.func(args) with every outcome mapped to one line and an exit code."""
+    from storage.errors import Interrupted, PipelineError
+    from storage.files import is_write_error, write_error
+
+    shutdown: Shutdown = args.shutdown
+    try:
+        code = args.func(args)
+        return shutdown.finish() if shutdown.stopping else code  # a signal that came as the work ended
     except UsageError as exc:
         print(f"newsgroups-lstm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("newsgroups-lstm: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, a traceback only on request
-        from storage.errors import PipelineError
-
+    except (Stopped, KeyboardInterrupt):
+        if not shutdown.stopping:  # a KeyboardInterrupt without our handler (main() called off the main thread)
+            shutdown.signum = signal.SIGINT
+        return shutdown.finish()
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary: one line, a traceback only on request
+        if shutdown.stopping:  # the stop's own Interrupted error, or whatever else the stop made fail
+            return shutdown.finish(str(exc) if isinstance(exc, Interrupted) else "")
+        if not isinstance(exc, Exception):
+            raise
         if args.debug:
             traceback.print_exc()
+        if is_write_error(exc) and exc.filename:  # e.g. creating the data home on a read-only file system
+            exc = write_error(exc, exc.filename)
         kind = "" if isinstance(exc, PipelineError) else f"{type(exc).__name__}: "
         hint = "" if args.debug else " (--debug shows the traceback)"
         print(f"newsgroups-lstm: failed: {kind}{exc}{hint if not isinstance(exc, PipelineError) else ''}",

@@ -47,6 +47,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
     started = time.perf_counter()
     config = with_source_env(config)  # the environment where the flow runs (a worker's own) counts
     run = StepRunner(data_home(config.data_home), until)
+    run.store.check()  # an unreachable or misconfigured data home fails here, before any download
     say(f"data home: {run.home}")
     for source in (config.sources.glove, config.sources.corpus_file):
         say(f"source {source.name}: {source.url} (sha256 {source.sha256 or 'not pinned: recorded when fetched'})")

@@ -82,8 +82,16 @@ def parquet_preview(name: str, rows: int, schema, head) -> str:
 def predictions(results: list[dict]) -> str:
     lines = []
     for r in results:
-        snippet = " ".join(r["text"].split())
+        snippet = printable(" ".join(r["text"].split()))
         snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
-        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
-        lines.append(f"{r['label']}\t{top}\t{snippet}")
+        top = "  ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in r["top"])
+        lines.append(f"{printable(r['label'])}\t{top}\t{snippet}")
     return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: characters that are not printable (ESC and the other controls,
+    bidirectional overrides, ...) are shown escaped, as Python writes them (\\x1b, \\u202e)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)

@@ -76,6 +76,7 @@ def train_on_deployment(run: StepRunner, deployment: str, train: TrainConfig, ev
                     "tokens": tokens.model_dump(mode="json"), "embeddings": embeddings.model_dump(mode="json"),
                     "data_home": run.home, "until": until},
         idempotency_key=f"{current_flow_run.id or 'no-parent'}-train-{run_key}",
+        poll_interval=2,  # the default 5 s adds up to 5 s to every run, cached ones included
     )
     state, ui_url = child.state, url_for(child)
     say(f"train: flow run {child.name} of {deployment} on work pool {child.work_pool_name} ended "

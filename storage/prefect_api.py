@@ -88,9 +88,8 @@ def start(home: Path, idle_seconds: float) -> tuple[dict, bool]:
         last = _raw_state(home).get("port")
         ports = [last] if isinstance(last, int) else []  # the same UI address as last time, if free
         port = next(p for p in [*ports, _free_port()] if _port_free(p))
-        process = _spawn(home, port, idle_seconds)
-        state = {"pid": process.pid, "url": f"http://{HOST}:{port}/api", "port": port, "started": time.time(),
-                 "starting": True}
+        state = {"pid": _spawn(home, port, idle_seconds), "url": f"http://{HOST}:{port}/api", "port": port,
+                 "started": time.time(), "starting": True}
         (home / STATE).write_text(json.dumps(state))
         return state, True
 
@@ -130,17 +129,25 @@ def stop(home: Path, timeout: float = 30.0) -> dict | None:
         return state
 
 
-def _spawn(home: Path, port: int, idle_seconds: float) -> subprocess.Popen:
+# Starts argv[2:] in a session of its own, output to the file argv[1], prints its pid and exits: the server is then
+# no descendant of the command (which stops its descendants when interrupted) and no zombie of it.
+_LAUNCHER = ("import subprocess, sys; log = open(sys.argv[1], 'wb'); print(subprocess.Popen(sys.argv[2:], "
+             "stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True).pid)")
+
+
+def _spawn(home: Path, port: int, idle_seconds: float) -> int:
+    """Start the server for `home` on `port`, detached from this process; its pid."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     url = f"http://{HOST}:{port}/api"
     env.update(PREFECT_SERVER_API_HOST=HOST, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_UI_API_URL=url,
                PREFECT_SERVER_LOGGING_LEVEL=env.get("PREFECT_SERVER_LOGGING_LEVEL", "WARNING"))
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with open(home / LOG, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", MODULE, "--port", str(port), "--idle-seconds", str(idle_seconds),
-                                 "--home", str(home)],
-                                env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # not in the CLI's process group: Ctrl-C there must not stop it
+    server = [sys.executable, "-m", MODULE, "--port", str(port), "--idle-seconds", str(idle_seconds), "--home", str(home)]
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, str(home / LOG), *server], env=env, cwd=home,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 or not done.stdout.strip().isdigit():
+        raise PipelineError(f"could not start the local Prefect server: {done.stderr.strip()[-500:] or done.stdout}")
+    return int(done.stdout)
 
 
 def _free_port() -> int:

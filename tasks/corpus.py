@@ -12,7 +12,11 @@ next to the class folders such as README, files in nested folders, hidden names 
 error (InputFormatError naming it): silently dropping it would shift every label after it.
 Labels are indices into the sorted group names; the label map is in the manifest. Text is
 UTF-8, falling back to latin-1 (which cannot fail) per document, counted. Empty documents are
-kept and counted. Archive members are read straight from the archive, never extracted.
+kept and counted. Archive members are read straight from the archive, never extracted, and
+at most CorpusConfig.max_document_bytes of each is kept: a longer document is cut there, and
+the manifest lists it (truncated_documents, truncated_examples: doc_id -> full size). Member
+names are percent-escaped by storage.archives.escape_name, so doc_id and group never hold a
+raw control character or an undecodable byte.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +32,7 @@ import pyarrow as pa
 from storage.archives import Member, iter_archive
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import forget_download
-from storage.errors import InputFormatError, PipelineError
+from storage.errors import InputFormatError, Interrupted, PipelineError
 from storage.files import Staging
 from storage.schemas import DOCUMENTS
 from tasks.config import CorpusConfig
@@ -71,11 +74,16 @@ def clean_text(text: str, strip: Iterable[str]) -> str:
     return text
 
 
-def decode_text(data: bytes) -> tuple[str, bool]:
-    """(text, used_fallback): UTF-8 when valid, else latin-1, which decodes any byte string."""
+def decode_text(data: bytes, cut: bool = False) -> tuple[str, bool]:
+    """(text, used_fallback): UTF-8 when valid, else latin-1, which decodes any byte string.
+
+    `cut`: the bytes are a document's first max_document_bytes, so a character split at the
+    end is dropped rather than making the whole document latin-1."""
     try:
         return data.decode("utf-8"), False
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if cut and exc.reason == "unexpected end of data" and exc.end == len(data):
+            return decode_text(data[: exc.start])
         return data.decode("latin-1"), True
 
 
@@ -169,19 +177,21 @@ def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) ->
 def build_documents(members: Iterable[Member], cfg: CorpusConfig, archive: str = "archive") -> tuple[pa.Table, dict]:
     """Archive members -> (documents table in DOCUMENTS schema, stats for the manifest)."""
     data: dict[str, bytes] = {}
-    dirs = []
+    dirs, cut = [], {}
     for m in members:
         if m.is_dir:
             dirs.append(m.name)
         else:
             data[m.name] = m.data or b""
+            if m.full_size is not None:
+                cut[m.name] = m.full_size
     layout = find_layout(data, dirs, archive)
     label_of = {g: i for i, g in enumerate(layout.groups)}
     docs = sorted(layout.documents, key=lambda d: (d[0] or "", d[1], d[2]))
 
     texts, fallbacks, empty = [], 0, 0
     for _, _, _, path in docs:
-        text, fell_back = decode_text(data["/".join(path)])
+        text, fell_back = decode_text(data["/".join(path)], cut="/".join(path) in cut)
         fallbacks += fell_back
         text = clean_text(text, cfg.strip)
         empty += not text.strip()
@@ -193,6 +203,7 @@ def build_documents(members: Iterable[Member], cfg: CorpusConfig, archive: str =
         mask = stratified_test_mask(labels, cfg.test_fraction, cfg.seed)
         splits = np.where(mask, "test", "train").tolist()
     doc_ids = [f"{split}/{group}/{name}" for split, (_, group, name, _) in zip(splits, docs)]
+    truncated = {doc_id: cut["/".join(path)] for doc_id, (*_, path) in zip(doc_ids, docs) if "/".join(path) in cut}
 
     table = pa.table(
         {
@@ -217,6 +228,9 @@ def build_documents(members: Iterable[Member], cfg: CorpusConfig, archive: str =
         "empty_documents": empty,
         "ignored_files": len(layout.ignored),
         "ignored_examples": layout.ignored[:20],
+        "max_document_bytes": cfg.max_document_bytes,
+        "truncated_documents": len(truncated),
+        "truncated_examples": dict(sorted(truncated.items())[:100]),  # doc_id -> its full size in bytes
         "strip": list(cfg.strip),
     }
     return table, stats
@@ -231,14 +245,22 @@ def corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None
     """Read the downloaded corpus archive and publish documents.parquet."""
     def build(store: ArtifactStore, out: Staging) -> dict:
         path = store.only_file(archive)
+        members = iter_archive(path, cfg.max_extracted_bytes, max_member_bytes=cfg.max_document_bytes)
         try:
-            table, stats = build_documents(iter_archive(path, cfg.max_extracted_bytes), cfg, archive=str(path))
+            table, stats = build_documents(members, cfg, archive=str(path))
+        except Interrupted:  # a stop request says nothing about the archive
+            raise
         except PipelineError:
             forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
             raise
         rows = out.write_parquet("documents.parquet", table, DOCUMENTS)
-        step_logger().info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{rows:,}",
-                           stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])
+        log = step_logger()
+        log.info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{rows:,}",
+                 stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])
+        if stats["truncated_documents"]:
+            log.warning("corpus %s: %d document(s) over corpus.max_document_bytes=%s were cut to that size: %s", path.name,
+                        stats["truncated_documents"], f"{cfg.max_document_bytes:,}",
+                        ", ".join(f"{d} ({n:,} bytes)" for d, n in list(stats["truncated_examples"].items())[:5]))
         return {"rows": rows, **stats}
 
     return STEP.run(data_home, cfg, [archive], build)

@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.checkpoints import CheckpointDir
-from storage.errors import InputFormatError, PipelineError, TrainingDiverged
+from storage.download import stop_requested
+from storage.errors import InputFormatError, Interrupted, PipelineError, TrainingDiverged
 from storage.files import Staging
 from storage.schemas import DOCUMENTS, SEQUENCES
 from tasks.config import TrainConfig
@@ -97,7 +98,7 @@ STEP = Step("train", version=3)  # 2: sublinear tf-idf bag of words; 3: tasks/mo
 def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str,
               out: Staging) -> dict:
     """Train and write the run files into `out`; returns the manifest extras."""
-    from tasks.model import ModelError, ModelInputError, fit_classifier  # imports Keras
+    from tasks.model import ModelError, ModelInputError, TrainingInterrupted, fit_classifier  # imports Keras
     from tasks.model import TrainingDiverged as ModelDiverged
 
     log = step_logger()
@@ -119,10 +120,12 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
         with Reporter(STEP.name, "batches") as reporter:
             model, history, summary = fit_classifier(
                 cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
-                len(names), max_length, CheckpointDir(store.work_dir(STEP.name, key)), log, on_batch=report,
+                len(names), max_length, CheckpointDir(store.work_dir(STEP.name, key)), log, should_stop=stop_requested,
+                on_batch=report,
             )
     except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
-        kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged}.get(type(exc), PipelineError)
+        kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged,
+                TrainingInterrupted: Interrupted}.get(type(exc), PipelineError)
         raise kind(str(exc)) from exc
     model.save(out.path("model.keras"))
     out.write_parquet("history.parquet", history_table(history), HISTORY)

@@ -51,6 +51,7 @@ _EXPORTS = {
     "ModelInputError": "errors",
     "OutOfDeviceMemory": "errors",
     "TrainingDiverged": "errors",
+    "TrainingInterrupted": "errors",
 }
 __all__ = tuple(sorted(_EXPORTS))
 

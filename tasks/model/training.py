@@ -1,6 +1,7 @@
 """fit_classifier: the resumable training loop, one Keras callback per job.
 
 The callbacks, in the order Keras calls them:
+  StopWhenAsked           after every batch: raises TrainingInterrupted once `should_stop()` is true
   reshuffle               keras LambdaCallback: the epoch's length buckets, a function of (seed, epoch)
   EmbeddingWarmup         opens the GloVe gate after `unfreeze_embeddings_after` epochs
   ExpertWeightsFit        fits the expert weights on the validation slice; adds val_* to the epoch's logs
@@ -25,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from tasks.model.batches import BucketedBatches, length_multiple
-from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged
+from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged, TrainingInterrupted
 from tasks.model.expert_product import fit_expert_weights, product_probabilities
 from tasks.model.layers import PACKAGE, inverse_document_frequency
 from tasks.model.model import build_model, check_inputs, compile_model, predict_proba
@@ -45,6 +46,22 @@ def best_row(history: Sequence[dict]) -> dict | None:
 
 
 # -- callbacks --------------------------------------------------------------------------------------------
+class StopWhenAsked(keras.callbacks.Callback):
+    """Ends training between two batches once `should_stop()` is true (the caller's stop flag: a SIGTERM)."""
+
+    def __init__(self, should_stop: Callable[[], bool], checkpoints):
+        super().__init__()
+        self.should_stop, self.checkpoints, self.epoch = should_stop, checkpoints, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.should_stop():
+            raise TrainingInterrupted(f"training stopped on request in epoch {self.epoch + 1}, batch {batch + 1}; "
+                                      f"finished epochs are kept in {self.checkpoints} and the next run resumes from them")
+
+
 class EmbeddingWarmup(keras.callbacks.Callback):
     """Keeps the GloVe vectors frozen for the first `after` epochs, then trains them (None: frozen throughout)."""
 
@@ -271,13 +288,14 @@ def fit_classifier(
     max_length: int,
     checkpoints,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     on_batch: Callable[..., None] | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
-    """Train on `sequences` (a validation slice of them drives early stopping); resume from `checkpoints`
-    (a storage.checkpoints.CheckpointDir: this package never touches files itself); `on_batch`: BatchProgress.
-
-    Returns (classifier with the best validation weights, per-epoch history, summary).
-    Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
+    """Train on `sequences` (a validation slice drives early stopping), resuming from `checkpoints` (a
+    storage.checkpoints.CheckpointDir: this package touches no files) and stopping once `should_stop()`;
+    `on_batch` is called after every batch (BatchProgress).
+    Returns (classifier with the best validation weights, per-epoch history, summary); raises
+    ModelInputError, TrainingDiverged, OutOfDeviceMemory or TrainingInterrupted (tasks.model.errors).
     """
     log, labels = log or logging.getLogger(PACKAGE), np.asarray(labels, dtype=np.int32)
     check_inputs(matrix, sequences, labels, n_classes)
@@ -300,6 +318,7 @@ def fit_classifier(
 
     early_stopping = ResumableEarlyStopping(cfg.patience, history, log)
     callbacks = [
+        StopWhenAsked(should_stop, checkpoints),
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: train_data.set_epoch(epoch)),
         EmbeddingWarmup(cfg.unfreeze_embeddings_after),
         ExpertWeightsFit(classifier, [sequences[i] for i in val_rows], labels[val_rows], max_length),
