@@ -9,6 +9,7 @@ The command line maps onto tasks.config.PipelineConfig; it does not repeat it:
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import os
@@ -44,7 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if api.kind == "temporary":  # Prefect will start a temporary API server, our child: ours to stop
             args.shutdown.start_lifeline()
-        summary = args.shutdown.run(lambda: pipeline(config, until=args.until, train_deployment=args.train_deployment))
+        context = contextvars.copy_context()  # the pipeline thread sees the API chosen here (a context variable)
+        summary = args.shutdown.run(lambda: context.run(pipeline, config, until=args.until,
+                                                        train_deployment=args.train_deployment))
     if api.kind == "temporary":  # its UI is gone with it
         summary.get("flow_run", {}).pop("ui_url", None)
     print(json.dumps(summary, indent=2, default=str) if args.json else render.summary(summary))

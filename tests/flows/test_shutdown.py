@@ -45,9 +45,10 @@ def stop_and_time(proc: subprocess.Popen, sig: int) -> float:
 
 
 def ephemeral_env() -> dict:
-    """No PREFECT_API_URL: the CLI's Prefect starts its own temporary API server as a child process."""
+    """No PREFECT_API_URL and no background server (NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=0): the CLI's Prefect
+    starts its own temporary API server as a child process."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return {**env, "PYTHONPATH": str(REPO_ROOT), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return {**env, "PYTHONPATH": str(REPO_ROOT), "PREFECT_LOGGING_LEVEL": "WARNING", "NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES": "0"}
 
 
 def api_servers(pid: int) -> list[psutil.Process]:
