@@ -1,7 +1,7 @@
-"""The Prefect UI in a real browser: a real server (PostgreSQL), the pipeline deployed from deployments/prefect.yaml
-and run by a process worker on the tiny data, then headless Chromium checks what a person sees: the deployment's
-run form explains every field, and the run's Artifacts tab holds the evaluation. Screenshots go to the test's
-tmp dir (its path is printed)."""
+"""The Prefect UI in a real browser: a real server (PostgreSQL), the pipeline deployed from
+deployments/prefect.yaml and run by a process worker (which clones a snapshot of this tree) on the tiny
+data, then headless Chromium checks what a person sees: the deployment's run form explains every field,
+and the run's Artifacts tab holds the evaluation. Screenshots go to the test's tmp dir (path printed)."""
 
 from __future__ import annotations
 
@@ -39,9 +39,14 @@ def _prefect(env: dict, *args: str, timeout: float = 240) -> str:
 @pytest.fixture
 def pipeline_run(prefect_server, tiny_sources, home, tmp_path):
     """The nightly deployment run once on the tiny data by a `prefect worker` (training in the worker's flow run)."""
+    from deployments.cluster import SNAPSHOT_BRANCH, snapshot_repository
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(prefect_server.client_env, PREFECT_HOME=str(tmp_path / "client-home"), PYTHONPATH=str(REPO_ROOT),
-               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+               # the worker clones this tree as it is (the deployments' git_clone pull step)
+               NEWSGROUPS_LSTM_REPO=snapshot_repository(REPO_ROOT, tmp_path / "code.git"),
+               NEWSGROUPS_LSTM_BRANCH=SNAPSHOT_BRANCH)
     _prefect(env, "work-pool", "create", "cpu", "--type", "process", "--overwrite")
     _prefect(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "nightly")
     worker_dir = tmp_path / "worker"
