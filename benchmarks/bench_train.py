@@ -68,12 +68,14 @@ def sha256(path: Path) -> str:
 
 def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str]]) -> tuple[dict, dict]:
     """{(setting, num_words, truncation): arrays} built with the project's pure step functions, and the configs used."""
-    from storage.archives import iter_archive
+    import pyarrow.parquet as pq
+
+    from storage.files import Staging
     from tasks.config import CorpusConfig, EmbeddingsConfig, TokenizeConfig
     from tasks.corpus import build_documents
     from tasks.embeddings import embedding_matrix
     from tasks.glove import read_glove_zip
-    from tasks.tokens import encode, fit_vocabulary, rules_of, split_words
+    from tasks.tokenizer import encode, fit_vocabulary, rules_of, split_words
 
     for name, expected in SHA256.items():
         got = sha256(data_dir / name)
@@ -86,8 +88,9 @@ def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str]
     embeddings_cfg = EmbeddingsConfig()
     for setting in settings:
         started = time.perf_counter()
-        documents, _ = build_documents(iter_archive(data_dir / "20news-bydate.tar.gz"), CorpusConfig(strip=SETTINGS[setting]),
-                                       archive="20news-bydate.tar.gz")
+        with tempfile.TemporaryDirectory() as scratch:
+            build_documents(data_dir / "20news-bydate.tar.gz", CorpusConfig(strip=SETTINGS[setting]), Staging(Path(scratch)))
+            documents = pq.read_table(Path(scratch) / "documents.parquet")
         texts = documents["text"]
         is_test = np.asarray(documents["split"].to_pylist()) == "test"
         for num_words, truncation in sorted(tokenizers):

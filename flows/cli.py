@@ -208,10 +208,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"no trained run in {store.root}: run `newsgroups-lstm run` first")
     if run.step != "train":
         raise UsageError(f"{run.step}/{run.key} is not a trained run (expected train/<key>)")
-    from tasks.predict import predict
+    from tasks.predict import iter_predictions
 
     results = []
-    for text, prediction in zip(texts, predict(store.local_dir(run), texts)):
+    for text, prediction in zip(texts, iter_predictions(store.local_dir(run), texts)):
         top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[: args.top]
         results.append({"text": text, "label": prediction.label,
                         "top": [{"label": k, "probability": float(v)} for k, v in top]})

@@ -22,11 +22,13 @@ from tasks.download import download
 from tasks.embeddings import embeddings
 from tasks.evaluate import evaluate
 from tasks.glove import glove
+from tasks.tokens import STEP as TOKENS
 from tasks.tokens import tokens
 from tasks.train import train
 
 from flows.results import publish_results
 from flows.steps import StepRunner, say
+from flows.tokenize import shard_count, task_runner, tokenize_shards
 from flows.train import train_on_deployment
 
 FLOW_NAME = "newsgroups-pipeline"
@@ -57,7 +59,10 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
     corpus_archive = run.submit(download, config.sources.corpus_file, name="download-corpus")
     documents = run.submit(corpus, config.corpus, corpus_archive)
     vectors = run.submit(glove, config.glove, glove_zip)
-    token_ids = run(tokens, config.tokenize, documents)
+    # Tokens in shards, side by side on the task runner that config.parallel names; then joined in order.
+    shards = run.shards(tokenize_shards.with_options(task_runner=task_runner(config.parallel)), TOKENS, config.tokenize,
+                        documents, shard_count(config.parallel))
+    token_ids = run(tokens, config.tokenize, documents, shards)
     matrix = run(embeddings, config.embeddings, token_ids, vectors)
     if train_deployment:
         evaluation = train_on_deployment(run, train_deployment, config.train, config.evaluate, token_ids, matrix)

@@ -15,7 +15,7 @@ from prefect.states import State
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import PipelineError
-from tasks.step import step_logger
+from tasks.step import Step, step_logger
 
 STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # --until: stop after this stage
 STAGE_OF_STEP = {"download": "data", "corpus": "data", "glove": "data", "tokens": "tokens", "embeddings": "embeddings",
@@ -52,6 +52,23 @@ class StepRunner:
         state = task(*args, data_home=self.home, return_state=True)
         self._record(name, state, time.perf_counter() - started)
         return self._note(name, state.result())
+
+    def shards(self, subflow, step: Step, cfg: Any, upstream: StepFuture | ArtifactRef | None, *inputs) -> list | None:
+        """Run `subflow` (which builds the shards of `step`) unless the store already holds the step's artifact.
+
+        Its result ([] when skipped) goes to the step's task; its time counts in the step's seconds (and is
+        recorded alone as shard_seconds).
+        """
+        args = self._resolve((upstream, *inputs))
+        if args is None or not self.wanted(step.name):
+            return None
+        if self.store.find(step.name, step.key(cfg, [args[0]])):
+            return []
+        started = time.perf_counter()
+        result = subflow(cfg, *args, data_home=self.home)
+        with self._lock:
+            self.steps.setdefault(step.name, {})["shard_seconds"] = round(time.perf_counter() - started, 3)
+        return result
 
     def submit(self, task, *inputs, name: str | None = None) -> StepFuture | None:
         """Start the step on the flow's task runner (upstream steps are waited for first)."""
@@ -108,8 +125,9 @@ class StepRunner:
 
     def _record(self, name: str, state: State, seconds: float) -> None:
         with self._lock:
-            self.steps.setdefault(name, {}).update(state=state.name, seconds=round(seconds, 3),
-                                                   task_run_id=str(state.state_details.task_run_id))
+            step = self.steps.setdefault(name, {})
+            seconds += step.get("shard_seconds", 0.0)  # a step built in shards took them as well
+            step.update(state=state.name, seconds=round(seconds, 3), task_run_id=str(state.state_details.task_run_id))
         say(f"{name}: {state.name} in {seconds:.1f} s")
 
     def _note(self, name: str, ref: ArtifactRef) -> ArtifactRef:

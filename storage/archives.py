@@ -125,7 +125,8 @@ def iter_tar(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_EXTRACTED_BYT
     total = 0
     try:
         with _open_tar_stream(path) as (tar, stream):
-            for info in tar:
+            while (info := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every TarInfo it read; a stream never looks back
                 _check_stop(path)
                 name = escape_name(_check_tar_member(info, path))
                 if not name:

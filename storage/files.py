@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,35 @@ def write_error(exc: OSError, path: str | os.PathLike, action: str = "write") ->
     return WriteError(f"could not {action} {path}: {why}{hint}")
 
 
+def parquet_row_groups(path: str | os.PathLike) -> int:
+    return pq.read_metadata(path).num_row_groups
+
+
+def iter_row_groups(path: str | os.PathLike, schema: pa.Schema, row_groups: Sequence[int], columns: list[str] | None = None,
+                    batch_size: int = 65_536) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(row group, record batch) of the given row groups of a local Parquet file, in that order; schema checked first.
+
+    Memory: one batch. Lets shards of a step each read their own row groups.
+    """
+    parquet = pq.ParquetFile(path)
+    check_schema(parquet.schema_arrow, schema, str(path))
+    for group in row_groups:
+        for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns):
+            yield group, batch
+
+
+def interleave_row_groups(paths: Sequence[str | os.PathLike], schema: pa.Schema) -> Iterator[pa.Table]:
+    """Row groups of several Parquet files taken in turn (file 0's first, file 1's first, ..., file 0's second, ...)
+    until every file is exhausted: the order back when file i holds row groups i, i+n, i+2n ... of a whole."""
+    files = [pq.ParquetFile(path) for path in paths]
+    for path, parquet in zip(paths, files, strict=True):
+        check_schema(parquet.schema_arrow, schema, str(path))
+    for index in range(max((f.num_row_groups for f in files), default=0)):
+        for parquet in files:
+            if index < parquet.num_row_groups:
+                yield parquet.read_row_group(index)
+
+
 class Staging:
     """The private directory a step writes its artifact's files into before the store publishes it.
 
@@ -157,19 +186,49 @@ class Staging:
 
 
 class Spill:
-    """Record batches written once, then read back memory-mapped (so only one batch is in memory)."""
+    """Record batches written once, then read back memory-mapped: in order (one batch in memory), or
+    gathered by row number (`take`: only the rows asked for)."""
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.path, self.schema = path, schema
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_file(self._sink, schema)
+        self._starts = [0]  # first row of each batch, then the row count
+
+    @property
+    def rows(self) -> int:
+        return self._starts[-1]
 
     def write(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch)
+        self._starts.append(self._starts[-1] + batch.num_rows)
+
+    def _close_writer(self) -> None:
+        if not self._sink.closed:
+            self._writer.close()
+            self._sink.close()
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The rows with these numbers (in write order, counting from 0), in the order asked for.
+
+        The file is mapped for this call only: the pages touched leave the process's memory with the map.
+        """
+        self._close_writer()
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.asarray(self._starts)
+        batch_of = np.searchsorted(starts, rows, side="right") - 1
+        order = np.argsort(batch_of, kind="stable")
+        wanted, batch_of = rows[order], batch_of[order]
+        batches, first = np.unique(batch_of, return_index=True)
+        with pa.memory_map(str(self.path)) as source:
+            reader = pa.ipc.open_file(source)
+            pieces = [reader.get_batch(int(b)).take(pa.array(wanted[lo:hi] - starts[b]))
+                      for b, lo, hi in zip(batches, first, [*first[1:], len(wanted)], strict=True)]
+            gathered = pa.Table.from_batches(pieces, schema=self.schema)
+            return gathered.take(pa.array(np.argsort(order))).combine_chunks()  # copies: nothing points into the map
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        self._writer.close()
-        self._sink.close()
+        self._close_writer()
         with pa.memory_map(str(self.path)) as source:
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):

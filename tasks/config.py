@@ -96,6 +96,12 @@ class CorpusConfig(_Frozen):
     max_document_bytes: Count = Field(1024**2, description="Each document keeps at most this many bytes (the rest is "
                                                            "cut, and listed in the manifest), so that one huge member "
                                                            "cannot exhaust memory.")
+    # A corpus given as a table (.parquet, .csv, .jsonl): its columns. No split column: a stratified split.
+    text_column: str = Field("text", description="Column holding the text, for a corpus given as a table "
+                                                  "(.parquet, .csv, .jsonl).")
+    label_column: str = Field("label", description="Column holding the label (any string), for a corpus given as a table.")
+    split_column: str | None = Field(None, description="Column holding 'train' or 'test', for a corpus given as a table; "
+                                                       "none: a stratified random split by test_fraction and seed.")
 
 
 class GloveConfig(_Frozen):
@@ -188,6 +194,16 @@ class EvaluateConfig(_Frozen):
     batch_size: Count = Field(256, description="Documents per prediction batch.")
 
 
+class ParallelConfig(_Frozen):
+    """How the shards of a step run. No artifact key depends on it: the artifacts are the same however they ran."""
+
+    shards: int = Field(0, ge=0)  # tokenize shards (cut by row groups of documents.parquet); 0: one per CPU core here
+    # "threads" (Prefect's ThreadPoolTaskRunner: Arrow releases the GIL), "processes" (ProcessPoolTaskRunner),
+    # or the import path of any Prefect task runner class, e.g. "prefect_dask.DaskTaskRunner"
+    task_runner: str = "threads"
+    options: dict[str, Any] = {}  # keyword arguments of that class, e.g. {"address": "tcp://scheduler:8786"}
+
+
 class PipelineConfig(_Frozen):
     """Everything a run depends on; each step receives only its own part, and its artifact key hashes that part.
     (The sections' descriptions are their classes' docstrings.)"""
@@ -202,6 +218,7 @@ class PipelineConfig(_Frozen):
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 def with_preset(cfg: PipelineConfig, name: str) -> PipelineConfig:

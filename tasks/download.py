@@ -14,6 +14,7 @@ import hashlib
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import Fetched, fetch
 from storage.files import Staging
+from storage.tables import table_format
 from tasks.config import Source
 from tasks.progress import Reporter
 from tasks.step import Step, step_logger
@@ -43,8 +44,9 @@ def download(source: Source, data_home: str | None = None) -> ArtifactRef:
         step_logger().info("downloading %s", source.url)
         with Reporter(f"download-{source.name}", "B") as reporter:
             got: Fetched = fetch([source.url, *source.mirrors], work / source.name, sha256=source.sha256,
-                                 size=source.size, require_archive=True,  # an unpinned URL is recorded only for an archive
-                                 progress=lambda done, total: reporter.update(done, total))
+                                 size=source.size, progress=lambda done, total: reporter.update(done, total),
+                                 # an unpinned URL is recorded only for a real archive (a table has no magic bytes)
+                                 require_archive=table_format(source.name) is None)
         step_logger().info("downloaded %s: %s bytes, sha256 %s", got.url, f"{got.size:,}", got.sha256)
 
         def build(staging: Staging) -> dict:

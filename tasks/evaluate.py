@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import InputFormatError
 from storage.files import Staging
-from storage.schemas import SEQUENCES
 from tasks.config import EvaluateConfig
 from tasks.step import Step, step_logger
 
@@ -170,26 +168,28 @@ STEP = Step("evaluate", version=1)
 
 def write_evaluation(cfg: EvaluateConfig, store: ArtifactStore, run: ArtifactRef, tokens: ArtifactRef, out: Staging) -> dict:
     from tasks.model import load_model, predict_proba  # imports Keras
-    from tasks.train import split_sequences
+    from tasks.train import split_rows, split_sequences
 
-    table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["doc_id", "label", "split", "ids"])
-    test = table.filter(pc.equal(table["split"], "test"))
-    if test.num_rows == 0:
-        raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'test' to evaluate on")
     names = store.read_json(run, "labels.json")
     max_length = int((store.read_manifest(run) or {}).get("max_length") or 0) or None
     model = load_model(store.local_file(run, "model.keras"))
-    sequences = split_sequences(test)
-    probabilities = predict_proba(model, sequences, max_length or max(len(s) for s in sequences) or 1, cfg.batch_size)
-    y_true = test["label"].to_numpy(zero_copy_only=False).astype(np.int64)
-    y_pred = probabilities.argmax(axis=1)
-    confusion = confusion_matrix(y_true, y_pred, len(names))
+    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
+    with out.parquet_writer("predictions.parquet", PREDICTIONS) as writer:  # a row group of test documents at a time
+        for test in split_rows(store, tokens, ["doc_id", "label", "ids"]):
+            if test.num_rows == 0:
+                continue
+            sequences = split_sequences(test)
+            probabilities = predict_proba(model, sequences, max_length or max(len(s) for s in sequences) or 1, cfg.batch_size)
+            y_true = test["label"].to_numpy(zero_copy_only=False).astype(np.int64)
+            confusion += confusion_matrix(y_true, probabilities.argmax(axis=1), len(names))
+            writer.write_table(predictions_table(test["doc_id"], y_true, probabilities))
+    if confusion.sum() == 0:
+        raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'test' to evaluate on")
     metrics = classification_metrics(confusion)
 
     out.write_parquet("per_class.parquet", per_class_table(metrics, names), PER_CLASS)
     out.write_parquet("confusion.parquet", confusion_table(confusion, names), CONFUSION)
     plot_confusion(confusion, names, out.path("confusion.png"), title=f"run {run.key}: accuracy {metrics['accuracy']:.3f}")
-    out.write_parquet("predictions.parquet", predictions_table(test["doc_id"], y_true, probabilities), PREDICTIONS)
     headline = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "documents": metrics["documents"],
                 "classes": len(names), "run": run.key}
     out.write_json("metrics.json", headline)

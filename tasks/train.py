@@ -12,17 +12,18 @@ finished epoch, and the checkpoints are discarded once the run is published.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.checkpoints import CheckpointDir
 from storage.download import stop_requested
 from storage.errors import InputFormatError, Interrupted, PipelineError, TrainingDiverged
-from storage.files import Staging
+from storage.files import Staging, iter_row_groups, parquet_row_groups
 from storage.schemas import DOCUMENTS, SEQUENCES
 from tasks.config import TrainConfig
 from tasks.progress import Reporter
@@ -79,6 +80,33 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "trainin
     plt.close(fig)
 
 
+def split_rows(store: ArtifactStore, tokens: ArtifactRef, columns: list[str], split: str = "test") -> Iterator[pa.Table]:
+    """The rows of one split of sequences.parquet, a row group at a time (memory: one row group)."""
+    path = store.local_file(tokens, "sequences.parquet")
+    for group in range(parquet_row_groups(path)):
+        batches = [batch for _, batch in iter_row_groups(path, SEQUENCES, [group], list({*columns, "split"}), 1 << 20)]
+        table = pa.Table.from_batches(batches)
+        yield table.filter(pc.equal(table["split"], split)).select(columns)
+
+
+def training_rows(store: ArtifactStore, tokens: ArtifactRef):
+    """The training documents of sequences.parquet as tasks.model.Rows: their labels in memory (4 bytes each),
+    their ids loaded a row group at a time when training asks for them."""
+    from tasks.model import Rows
+
+    labels = [table["label"].to_numpy().astype(np.int32) for table in split_rows(store, tokens, ["label"], "train")]
+    starts = np.concatenate([[0], np.cumsum([len(part) for part in labels])])
+    path = store.local_file(tokens, "sequences.parquet")
+
+    def load(group: int):
+        batches = [batch for _, batch in iter_row_groups(path, SEQUENCES, [group], ["label", "split", "ids"], 1 << 20)]
+        table = pa.Table.from_batches(batches)
+        train = table.filter(pc.equal(table["split"], "train"))
+        return np.arange(starts[group], starts[group + 1]), split_sequences(train), labels[group]
+
+    return Rows(load, len(labels), np.concatenate(labels) if labels else np.zeros(0, np.int32))
+
+
 def label_names(store: ArtifactStore, tokens: ArtifactRef, n_labels: int) -> list[str]:
     """Group name of each label, read from the corpus the tokens came from; "label <i>" if unreachable."""
     for up in (store.read_manifest(tokens) or {}).get("upstream", []):
@@ -102,15 +130,12 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     from tasks.model import TrainingDiverged as ModelDiverged
 
     log = step_logger()
-    table = store.read_parquet(tokens, "sequences.parquet", SEQUENCES, columns=["label", "split", "ids"])
-    train_rows = np.flatnonzero(table["split"].to_numpy(zero_copy_only=False) == "train")
-    if len(train_rows) == 0:
+    rows = training_rows(store, tokens)
+    if len(rows) == 0:
         raise InputFormatError(f"{tokens.file('sequences.parquet')}: no rows with split 'train'")
-    sequences = split_sequences(table)
-    labels = table["label"].to_numpy(zero_copy_only=False).astype(np.int32)
     rules = store.read_json(tokens, "tokenizer.json")
-    max_length = int(rules.get("max_length") or max(len(s) for s in sequences) or 1)
-    names = label_names(store, tokens, int(labels.max()) + 1)
+    max_length = int(rules.get("max_length") or 1)
+    names = label_names(store, tokens, int(rows.labels.max()) + 1)
 
     def report(epoch: int, epochs: int, batch: int, batches: int, loss: float | None) -> None:
         reporter.update(batch, batches, phase=f"epoch {epoch}/{epochs}", overall=(epoch - 1 + batch / batches) / epochs,
@@ -119,9 +144,8 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     try:
         with Reporter(STEP.name, "batches") as reporter:
             model, history, summary = fit_classifier(
-                cfg, [sequences[i] for i in train_rows], labels[train_rows], store.read_npy(embeddings, "matrix.npy"),
-                len(names), max_length, CheckpointDir(store.work_dir(STEP.name, key)), log, should_stop=stop_requested,
-                on_batch=report,
+                cfg, rows, None, store.read_npy(embeddings, "matrix.npy"), len(names), max_length,
+                CheckpointDir(store.work_dir(STEP.name, key)), log, should_stop=stop_requested, on_batch=report,
             )
     except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
         kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged,
@@ -135,7 +159,7 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
         out.copy_in(name, store.local_file(tokens, name))
     log.info("run %s: best validation accuracy %.4f at epoch %d of %d (%s on %s)", key, summary["best_val_accuracy"] or 0.0,
              summary["best_epoch"], summary["epochs_run"], summary["backend"], summary["device"])
-    return {"rows": int(len(train_rows)), "training": summary, "backend": summary["backend"], "device": summary["device"],
+    return {"rows": len(rows), "training": summary, "backend": summary["backend"], "device": summary["device"],
             "max_length": max_length, "classes": len(names)}
 
 

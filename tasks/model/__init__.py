@@ -41,6 +41,8 @@ _EXPORTS = {
     "inverse_document_frequency": "layers",
     "term_counts": "layers",
     "BucketedBatches": "batches",
+    "Rows": "batches",
+    "StreamedBatches": "batches",
     "bucket_batches": "batches",
     "length_multiple": "batches",
     "pad_batch": "batches",

@@ -25,10 +25,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from tasks.model.batches import BucketedBatches, length_multiple
+from tasks.model.batches import Rows, StreamedBatches, length_multiple
 from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged, TrainingInterrupted
 from tasks.model.expert_product import fit_expert_weights, product_probabilities
-from tasks.model.layers import PACKAGE, inverse_document_frequency
+from tasks.model.layers import PACKAGE
 from tasks.model.model import build_model, check_inputs, compile_model, predict_proba
 
 if TYPE_CHECKING:  # any object with TrainConfig's attributes works (the GPU benchmark runs without pydantic)
@@ -81,12 +81,14 @@ class ExpertWeightsFit(keras.callbacks.Callback):
     val_loss and val_accuracy (of the product of experts), expert_weights, expert_val_accuracy.
     """
 
-    def __init__(self, classifier: keras.Model, sequences: list, labels: np.ndarray, max_length: int):
+    def __init__(self, classifier: keras.Model, rows: Rows, validation: np.ndarray, max_length: int):
         super().__init__()
-        self.classifier, self.sequences, self.labels, self.max_length = classifier, sequences, labels, max_length
+        self.classifier, self.rows, self.validation, self.max_length = classifier, rows, validation, max_length
+        self.labels = rows.labels[validation]
 
     def on_epoch_end(self, epoch, logs=None):
-        expert_probs = predict_proba(self.model, self.sequences, self.max_length)
+        parts = [predict_proba(self.model, seqs, self.max_length) for _, seqs in self.rows.select(self.validation)]
+        expert_probs = np.concatenate(parts)  # rows in ascending order, as self.labels
         weights, val_loss = fit_expert_weights(expert_probs, self.labels)
         if not np.all(np.isfinite(expert_probs)):
             val_loss = math.nan  # for DivergenceGuard
@@ -279,10 +281,29 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(s in text for s in signs)
 
 
+def scan_rows(rows: Rows, fit: np.ndarray, vocab: int) -> tuple[np.ndarray, int, int]:
+    """One pass over the documents: (smoothed idf of the `fit` rows, sklearn's formula, padding id 0 gets 0;
+    lowest id; highest id)."""
+    df = np.zeros(vocab, dtype=np.float64)
+    low = top = 0
+    for numbers, sequences in rows.select(np.ones(len(rows), dtype=bool)):
+        lengths = np.array([len(s) for s in sequences])
+        ids = np.concatenate(sequences) if lengths.sum() else np.zeros(0, np.int64)
+        if len(ids):
+            low, top = min(low, int(ids.min())), max(top, int(ids.max()))
+        owner = np.repeat(np.arange(len(sequences)), lengths)
+        keep = fit[numbers][owner] & (ids >= 0) & (ids < vocab)
+        pairs = np.unique(owner[keep].astype(np.int64) * vocab + ids[keep])  # each (document, id) once
+        df += np.bincount(pairs % vocab, minlength=vocab)
+    idf = np.log((1 + int(fit.sum())) / (1 + df)) + 1
+    idf[0] = 0.0
+    return idf.astype(np.float32), low, top
+
+
 def fit_classifier(
     cfg: TrainConfig,
-    sequences: Sequence[np.ndarray],
-    labels: np.ndarray,
+    sequences: Sequence[np.ndarray] | Rows,
+    labels: np.ndarray | None,
     matrix: np.ndarray,
     n_classes: int,
     max_length: int,
@@ -291,22 +312,25 @@ def fit_classifier(
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: Callable[..., None] | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
-    """Train on `sequences` (a validation slice drives early stopping), resuming from `checkpoints` (a
-    storage.checkpoints.CheckpointDir: this package touches no files) and stopping once `should_stop()`;
-    `on_batch` is called after every batch (BatchProgress).
-    Returns (classifier with the best validation weights, per-epoch history, summary); raises
+    """Train on the documents (a validation slice of them drives early stopping), resuming from `checkpoints`
+    (a storage.checkpoints.CheckpointDir: this package touches no files) and stopping once `should_stop()`;
+    `on_batch` is called after every batch (BatchProgress). `sequences`: id arrays (with `labels`), or Rows,
+    loaded piece by piece: batches are streamed (StreamedBatches), so memory does not grow with the number of
+    documents. Returns (classifier with the best validation weights, per-epoch history, summary); raises
     ModelInputError, TrainingDiverged, OutOfDeviceMemory or TrainingInterrupted (tasks.model.errors).
     """
-    log, labels = log or logging.getLogger(PACKAGE), np.asarray(labels, dtype=np.int32)
-    check_inputs(matrix, sequences, labels, n_classes)
+    log = log or logging.getLogger(PACKAGE)
+    rows = sequences if isinstance(sequences, Rows) else Rows.in_memory(sequences, labels)
     keras.utils.set_random_seed(cfg.seed)
+    fit, validation = (np.isin(np.arange(len(rows)), part)
+                       for part in validation_split(rows.labels, cfg.validation_fraction, cfg.seed))
+    idf, low, top = scan_rows(rows, fit, len(matrix))
+    check_inputs(matrix, (low, top), rows.labels, n_classes)
 
-    fit_rows, val_rows = validation_split(labels, cfg.validation_fraction, cfg.seed)
-    fit_sequences = [sequences[i] for i in fit_rows]
-    training_model, classifier = build_model(cfg, matrix, n_classes, inverse_document_frequency(fit_sequences, len(matrix)))
+    training_model, classifier = build_model(cfg, matrix, n_classes, idf)
     experts = training_model.output_shape[1]
-    train_data = BucketedBatches(fit_sequences, labels[fit_rows], batch_size=cfg.batch_size, max_length=max_length,
-                                 seed=cfg.seed, multiple=length_multiple(), targets=experts)
+    train_data = StreamedBatches(rows, fit, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed,
+                                 multiple=length_multiple(), targets=experts)
     compile_model(training_model, cfg, len(train_data))
     progress = restore_checkpoint(training_model, checkpoints, log)
     history, initial_epoch = list(progress.get("history", [])), progress.get("epoch", 0)
@@ -314,14 +338,14 @@ def fit_classifier(
         log.info("resuming from %s: %d of %d epochs done", progress["name"], initial_epoch, cfg.epochs)
     info = device_info()
     log.info("training on %s (%s, keras %s backend): %d train / %d validation documents, %d batches per epoch, %d experts",
-             info["device_name"], info["device"], info["backend"], len(fit_rows), len(val_rows), len(train_data), experts)
+             info["device_name"], info["device"], info["backend"], fit.sum(), validation.sum(), len(train_data), experts)
 
     early_stopping = ResumableEarlyStopping(cfg.patience, history, log)
     callbacks = [
         StopWhenAsked(should_stop, checkpoints),
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: train_data.set_epoch(epoch)),
         EmbeddingWarmup(cfg.unfreeze_embeddings_after),
-        ExpertWeightsFit(classifier, [sequences[i] for i in val_rows], labels[val_rows], max_length),
+        ExpertWeightsFit(classifier, rows, validation, max_length),
         DivergenceGuard(cfg.learning_rate, checkpoints),
         early_stopping,
         EpochCheckpoint(cfg, checkpoints, classifier, history, early_stopping, log),
@@ -337,17 +361,18 @@ def fit_classifier(
         **_history_summary(history),
         "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
         "resumed_from_epoch": initial_epoch,
-        "train_documents": len(fit_rows),
-        "validation_documents": len(val_rows),
+        "train_documents": int(fit.sum()),
+        "validation_documents": int(validation.sum()),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
 
-def _fit(model: keras.Model, data: BucketedBatches, cfg: TrainConfig, initial_epoch: int, callbacks: list, info: dict,
+def _fit(model: keras.Model, data: StreamedBatches, cfg: TrainConfig, initial_epoch: int, callbacks: list, info: dict,
          checkpoints) -> None:
     """model.fit, with out-of-memory (however the backend reports it) as OutOfDeviceMemory naming what to lower."""
     try:
-        model.fit(data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
+        # shuffle=False: the batches shuffle themselves, and are streamed in order
+        model.fit(data, epochs=cfg.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0, shuffle=False)
     except Exception as exc:  # only out-of-memory is translated, the rest re-raised
         if not _is_out_of_memory(exc):
             raise

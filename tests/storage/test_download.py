@@ -271,7 +271,8 @@ def test_announced_length_over_the_cap_fails_before_downloading(tmp_path, sleeps
         h.end_headers()
         h.close_connection = True
 
-    with Server([huge]) as srv, pytest.raises(DownloadError, match=r"announces 5,368,709,120 bytes, more than the cap of 4,294,967,296"):
+    cap = r"announces 5,368,709,120 bytes, more than the cap of 4,294,967,296"
+    with Server([huge]) as srv, pytest.raises(DownloadError, match=cap):
         dl.fetch(srv.url, tmp_path / "f")
     assert gets(srv) == 1 and list(tmp_path.iterdir()) == []
 
