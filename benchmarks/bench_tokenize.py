@@ -40,7 +40,7 @@ from storage.schemas import DOCUMENTS, SEQUENCES, VOCAB  # noqa: E402
 from tasks.config import CorpusConfig, EmbeddingsConfig, GloveConfig, Source, TokenizeConfig  # noqa: E402
 from tasks.corpus import corpus  # noqa: E402
 from tasks.download import download  # noqa: E402
-from tasks.embeddings import embeddings, embedding_matrix, read_vectors  # noqa: E402
+from tasks.embeddings import embedding_matrix, embeddings, read_vectors  # noqa: E402
 from tasks.glove import glove  # noqa: E402
 from tasks.tokenizer import Rules, count_words, encode, split_words, vocabulary  # noqa: E402
 from tasks.tokens import BATCH_ROWS  # noqa: E402

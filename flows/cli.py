@@ -9,17 +9,22 @@ The command line maps onto tasks.config.PipelineConfig; it does not repeat it:
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.errors import UsageError
-
 from flows import render
+from flows.shutdown import Shutdown, Stopped
+from storage.errors import UsageError
+from tasks.progress import PROGRESS_LOGGER
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # = flows.steps.STAGES, without importing Prefect
@@ -32,17 +37,115 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import build_config
 
     config = build_config([read_config_file(path) for path in args.config], args.overrides, args.preset, args.data_home)
-    from flows.pipeline import pipeline
+    from storage.artifacts import ArtifactStore
 
-    summary = pipeline(config, until=args.until, train_deployment=args.train_deployment)
+    ArtifactStore(config.data_home).check()  # a bad data home fails in a second, before Prefect starts
+    with prefect_api(started_early=start_local_api_early()) as api:
+        from flows.pipeline import pipeline
+
+        if api.kind == "temporary":  # Prefect will start a temporary API server, our child: ours to stop
+            args.shutdown.start_lifeline()
+        context = contextvars.copy_context()  # the pipeline thread sees the API chosen here (a context variable)
+        summary = args.shutdown.run(lambda: context.run(pipeline, config, until=args.until,
+                                                        train_deployment=args.train_deployment))
+    if api.kind == "temporary":  # its UI is gone with it
+        summary.get("flow_run", {}).pop("ui_url", None)
     print(json.dumps(summary, indent=2, default=str) if args.json else render.summary(summary))
     return EXIT_OK
 
 
+# -- the Prefect API a command uses -------------------------------------------------------------
+IDLE_ENV = "NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES"
+DEFAULT_IDLE_MINUTES = 15.0
+
+
+@dataclass
+class Api:
+    kind: str  # "configured" (PREFECT_API_URL), "local" (the background server) or "temporary" (Prefect's own)
+    url: str | None = None
+
+
+def _idle_seconds() -> float:
+    raw = os.environ.get(IDLE_ENV, str(DEFAULT_IDLE_MINUTES))
+    try:
+        return float(raw) * 60
+    except ValueError:
+        raise UsageError(f"{IDLE_ENV}={raw!r}: expected a number of minutes (0: no background server)") from None
+
+
+def _prefect_home() -> Path:
+    """PREFECT_HOME as Prefect reads it, without importing Prefect (only the environment can set it)."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+def start_local_api_early() -> bool:
+    """Start the local server (if it is not running) before this process imports Prefect, so both start at once.
+    Whether it was started: the profile may turn out to name an API (prefect_api then stops it)."""
+    if os.environ.get("PREFECT_API_URL") or _idle_seconds() <= 0:
+        return False
+    if "prefect.settings" in sys.modules:  # already loaded (main() called in-process): asking it costs nothing
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return False
+    from storage.prefect_api import start
+
+    return start(_prefect_home(), _idle_seconds())[1]
+
+
+@contextmanager
+def prefect_api(started_early: bool = False):
+    """The API the flow reports to: PREFECT_API_URL if set (environment or profile), else the local background
+    server (storage.prefect_api, reused between commands), else with NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=0
+    Prefect's temporary one (started and stopped by this process)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from storage import prefect_api as local
+
+    if PREFECT_API_URL.value():
+        if started_early:
+            local.stop(_prefect_home())
+        yield Api("configured", PREFECT_API_URL.value())
+        return
+    if _idle_seconds() <= 0:
+        yield Api("temporary")
+        return
+    home = _prefect_home()
+    if not (home / "prefect.db").exists():
+        logging.getLogger(PROGRESS_LOGGER).info("starting a local Prefect server (the first start creates its "
+                                                "database in %s; later commands reuse the server)", home)
+    url = local.local_api(home, _idle_seconds())
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield Api("local", url)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from storage import prefect_api as local
+
+    home = _prefect_home()
+    if args.action == "stop":
+        state = local.stop(home)
+        print(f"stopped the local Prefect server at {state['url']}" if state else "no local Prefect server running")
+        return EXIT_OK
+    state = local.running(home)
+    if args.action == "start" and state is None:
+        local.local_api(home, _idle_seconds())
+        state = local.running(home)
+    if state is None:
+        print(f"no local Prefect server running (PREFECT_HOME {home})")
+        return EXIT_FAILED if args.action == "status" else EXIT_OK
+    print(f"Prefect UI: {state['url'].removesuffix('/api')}   API: {state['url']}   pid {state['pid']}   "
+          f"stops after {_idle_seconds() / 60:g} idle minutes")
+    return EXIT_OK
+
+
 def _store(args: argparse.Namespace):
+    """The data home's store, checked: an unreachable or misconfigured one fails here with one line."""
     from storage.artifacts import ArtifactStore
 
-    return ArtifactStore(args.data_home)
+    store = ArtifactStore(args.data_home)
+    store.check()
+    return store
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -68,27 +171,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
-    from storage.files import read_document
+    """The texts to classify. Every source is read as bytes and decoded the same way (UTF-8, undecodable bytes
+    as U+FFFD: storage.files.decode_text_input), so one input gives one prediction whatever way it came in."""
+    from storage.files import decode_text_input, read_document
 
-    chunks: list[str] = []
+    sources: list[tuple[str, str]] = []  # (where it came from, text)
     for path in args.file:
         if not Path(path).is_file():
             raise UsageError(f"text file {path} not found")
-        chunks.append(read_document(path))
-    texts = list(args.texts)
-    if "-" in texts or (not texts and not chunks and not sys.stdin.isatty()):
-        texts = [t for t in texts if t != "-"]
-        chunks.append(sys.stdin.read())
+        sources.append((f"file {path}", read_document(path)))
+    texts = [(f"argument {i}", decode_text_input(os.fsencode(t))) for i, t in enumerate(args.texts, 1) if t != "-"]
+    if "-" in args.texts or (not args.texts and not args.file and not sys.stdin.isatty()):
+        sources.append(("stdin", decode_text_input(sys.stdin.buffer.read())))
     if args.lines:
-        texts += [line for chunk in chunks for line in chunk.splitlines() if line.strip()]
+        texts += [(f"{where}, line {n}", line) for where, chunk in sources
+                  for n, line in enumerate(chunk.splitlines(), 1) if line.strip()]
+        if sources and not texts:
+            raise UsageError(f"nothing to classify: {' and '.join(w for w, _ in sources)} holds no non-blank line")
     else:
-        texts += chunks
+        texts += sources
     if not texts:
         raise UsageError("nothing to classify: give texts as arguments, --file PATH, or pipe them on stdin")
-    return texts
+    if blank := [where for where, text in texts if not text.strip()]:
+        raise UsageError(f"nothing to classify in {', '.join(blank)}: it is empty or only whitespace")
+    return [text for _, text in texts]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
     store = _store(args)
     if args.run:
         run = store.resolve(args.run)
@@ -98,7 +208,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"no trained run in {store.root}: run `newsgroups-lstm run` first")
     if run.step != "train":
         raise UsageError(f"{run.step}/{run.key} is not a trained run (expected train/<key>)")
-    texts = _read_texts(args)
     from tasks.predict import iter_predictions
 
     results = []
@@ -111,6 +220,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(render.predictions(results))
     return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    checked, damaged = store.verify(args.target)
+    if args.target and not checked:
+        raise UsageError(f"no artifact {args.target!r} in {store.root} (list them with `newsgroups-lstm inspect`)")
+    for name, problem, moved_to in damaged:
+        print(f"DAMAGED {name}: {problem}; moved to {moved_to}")
+    print(f"{len(damaged)} of {checked} artifacts in {store.root} damaged (moved aside; the next run rebuilds them)"
+          if damaged else f"{checked} artifacts in {store.root}: every file matches its manifest")
+    return EXIT_FAILED if damaged else EXIT_OK
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -171,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
+    _add_predict_parser(sub, common, add_home)
+    add_home(_add_verify_parser(sub, common))
+    _add_server_parser(sub, common)
+    return parser
+
+
+def _add_predict_parser(sub, common: argparse.ArgumentParser, add_home) -> None:
     predict = sub.add_parser("predict", parents=[common], help="classify texts with a trained run",
                              description="Classify texts given as arguments, files (--file) or stdin ('-').")
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify; '-' reads stdin")
@@ -182,63 +310,85 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_home(predict)
     predict.set_defaults(func=cmd_predict)
-    return parser
 
 
-def _quiet_defaults(verbose: bool) -> None:
-    """Environment defaults set before Prefect is imported; the user's own settings win."""
+def _add_verify_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    verify = sub.add_parser("verify", parents=[common], help="re-hash every stored file against its manifest",
+                            description="Check every artifact (or one STEP or STEP/KEY) file by file against the "
+                                        "sha256 in its manifest, ignoring the stamps of earlier checks. A damaged "
+                                        "artifact is moved to <step>/.quarantine/ and rebuilt by the next run. "
+                                        "Exit 0 if all is sound, 1 if anything was damaged.")
+    verify.add_argument("target", nargs="?", metavar="STEP[/KEY]", help="only this step, or this artifact (key prefix)")
+    verify.set_defaults(func=cmd_verify)
+    return verify
+
+
+def _add_server_parser(sub, common: argparse.ArgumentParser) -> None:
+    server = sub.add_parser("server", parents=[common], help="the local Prefect server that `run` starts and reuses",
+                            description=f"Without PREFECT_API_URL, `run` starts a Prefect server (API + UI) in the "
+                                        f"background and later commands reuse it; it stops after ${IDLE_ENV} "
+                                        f"(default {DEFAULT_IDLE_MINUTES:g}) idle minutes. 0 = no background server: "
+                                        f"every command starts Prefect's temporary API instead.")
+    server.add_argument("action", nargs="?", choices=("status", "start", "stop"), default="status",
+                        help="status (default): its UI address; start: start it now; stop: stop it")
+    server.set_defaults(func=cmd_server)
+
+
+def _quiet_defaults(verbose: bool, debug: bool) -> None:
+    """Environment defaults set before Prefect or TensorFlow is imported; the user's own settings win."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The first start of the embedded API on a fresh PREFECT_HOME runs DB migrations (can exceed 60 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not debug:  # TensorFlow's C++ log (oneDNN, CUDA probing) only with --debug; see tasks/model/native_log.py
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Prefect creates its home without parents; a missing parent makes the embedded API fail to start.
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     if not verbose:
         # Run logs still reach the Prefect API/UI; only the console copy (with tracebacks) is silenced.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        from tasks.step import PROGRESS_LOGGER  # imports Prefect: only after the settings above
-
-        progress = logging.getLogger(PROGRESS_LOGGER)
-        if not any(isinstance(h, _StderrHandler) for h in progress.handlers):
-            handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
-            progress.addHandler(handler)
-        progress.setLevel(logging.INFO)
-        progress.propagate = False
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (it may be replaced after set-up)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
-    _quiet_defaults(args.verbose or args.debug)
+    _quiet_defaults(args.verbose or args.debug, args.debug)
+    args.shutdown = shutdown = Shutdown().install()
+    from flows.console import progress_output
+
+    try:  # with -v/--debug, Prefect's console log shows the progress lines instead
+        with nullcontext() if args.verbose or args.debug else progress_output():
+            code = _run_command(args)
+        shutdown.exit_if_signalled(code)
+        return code
+    finally:
+        shutdown.uninstall()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """args.func(args) with every outcome mapped to one line and an exit code."""
+    from storage.errors import Interrupted, PipelineError
+    from storage.files import is_write_error, write_error
+
+    shutdown: Shutdown = args.shutdown
     try:
-        return args.func(args)
+        code = args.func(args)
+        return shutdown.finish() if shutdown.stopping else code  # a signal that came as the work ended
     except UsageError as exc:
         print(f"newsgroups-lstm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("newsgroups-lstm: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, a traceback only on request
-        from storage.errors import PipelineError
-
+    except (Stopped, KeyboardInterrupt):
+        if not shutdown.stopping:  # a KeyboardInterrupt without our handler (main() called off the main thread)
+            shutdown.signum = signal.SIGINT
+        return shutdown.finish()
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary: one line, a traceback only on request
+        if shutdown.stopping:  # the stop's own Interrupted error, or whatever else the stop made fail
+            return shutdown.finish(str(exc) if isinstance(exc, Interrupted) else "")
+        if not isinstance(exc, Exception):
+            raise
         if args.debug:
             traceback.print_exc()
+        if is_write_error(exc) and exc.filename:  # e.g. creating the data home on a read-only file system
+            exc = write_error(exc, exc.filename)
         kind = "" if isinstance(exc, PipelineError) else f"{type(exc).__name__}: "
         hint = "" if args.debug else " (--debug shows the traceback)"
         print(f"newsgroups-lstm: failed: {kind}{exc}{hint if not isinstance(exc, PipelineError) else ''}",

@@ -40,12 +40,19 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
              train_deployment: str | None = None) -> dict[str, Any]:
     """Run the steps up to `until`; return a JSON-able summary (artifacts, metrics, per-step state and time).
 
-    train_deployment (e.g. "train-lstm/gpu") hands train + evaluate to that deployment's work pool.
+    Args:
+        config: Everything the run depends on; each step is Cached when its part (and its inputs) are unchanged.
+        until: Stop after this stage: data, tokens, embeddings, train or evaluate.
+        train_deployment: Train and evaluate through this deployment (e.g. train-lstm/gpu, on the GPU work pool)
+            instead of in this flow run. Empty: in this flow run.
     """
     started = time.perf_counter()
     config = with_source_env(config)  # the environment where the flow runs (a worker's own) counts
     run = StepRunner(data_home(config.data_home), until)
+    run.store.check()  # an unreachable or misconfigured data home fails here, before any download
     say(f"data home: {run.home}")
+    for source in (config.sources.glove, config.sources.corpus_file):
+        say(f"source {source.name}: {source.url} (sha256 {source.sha256 or 'not pinned: recorded when fetched'})")
 
     # Both downloads at once; each archive is processed as soon as it is there, GloVe beside the corpus.
     glove_zip = run.submit(download, config.sources.glove, name="download-glove")
@@ -63,5 +70,5 @@ def pipeline(config: PipelineConfig = PipelineConfig(), until: Stage = "evaluate
         model = run(train, config.train, token_ids, matrix)
         evaluation = run(evaluate, config.evaluate, model, token_ids)
 
-    publish_results(run.store, evaluation)
+    publish_results(run.store, evaluation, config=config.model_dump(mode="json"), trained_by=run.trained_by())
     return run.summary(started)

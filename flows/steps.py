@@ -96,6 +96,7 @@ class StepRunner:
         metrics = self.store.read_json(evaluation, "metrics.json") if evaluation else {}
         order = {name: i for i, name in enumerate(STEP_ORDER)}
         return {
+            "flow_run": flow_run_info(),
             "data_home": self.home,
             "until": self.until,
             "artifacts": {name: ref.model_dump(mode="json") for name, ref in self.refs.items()},
@@ -103,6 +104,14 @@ class StepRunner:
             "steps": {name: self.steps[name] for name in sorted(self.steps, key=lambda n: order.get(n, len(order)))},
             "seconds": round(time.perf_counter() - started, 3),
         }
+
+    def trained_by(self) -> str | None:
+        """A markdown line naming the flow run that trained the model, when a deployment did (add(flow_run=...))."""
+        train = self.steps.get("train", {})
+        if not train.get("flow_run"):
+            return None
+        name = f"[{train['flow_run']}]({train['ui_url']})" if train.get("ui_url") else f"`{train['flow_run']}`"
+        return f"flow run {name} of deployment `{train.get('deployment')}` on work pool `{train.get('work_pool')}`"
 
     def _resolve(self, inputs: tuple) -> list | None:
         args = []
@@ -128,6 +137,15 @@ class StepRunner:
             self.refs[name] = ref
             self.steps.setdefault(name, {}).update(step=ref.step, key=ref.key, uri=ref.uri, rows=ref.rows)
         return ref
+
+
+def flow_run_info() -> dict[str, Any]:
+    """This flow run's name, id and UI address (None outside a run)."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
+
+    return {"name": flow_run.name, "id": flow_run.id,
+            "ui_url": url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None}
 
 
 class StepFuture:

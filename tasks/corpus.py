@@ -6,6 +6,10 @@ Inputs (the downloaded source file; its name tells which kind):
   per row, with a text column and a label column and optionally a split column (names in CorpusConfig).
 Text is UTF-8, falling back to latin-1 (which cannot fail) per document, counted; empty documents are
 kept and counted; CorpusConfig.strip removes headers, footers and quotes like sklearn's remove=.
+At most CorpusConfig.max_document_bytes of each archive member is kept: a longer document is cut
+there, and the manifest lists it (truncated_documents, truncated_examples: doc_id -> full size).
+Member names are percent-escaped by storage.archives.escape_name, so doc_id and group never hold a
+raw control character or an undecodable byte.
 
 One pass over the source: each record's text is decoded, cleaned and appended to a spill file on disk
 (never extracted, never all in memory); what is kept in memory is one small record per document
@@ -26,7 +30,7 @@ import pyarrow.compute as pc
 from storage.archives import Member, iter_archive
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import forget_download
-from storage.errors import InputFormatError, PipelineError
+from storage.errors import InputFormatError, Interrupted, PipelineError
 from storage.files import Spill, Staging
 from storage.schemas import DOCUMENTS
 from storage.tables import iter_table, table_format
@@ -75,11 +79,16 @@ def clean_text(text: str, strip: Iterable[str]) -> str:
     return text
 
 
-def decode_text(data: bytes) -> tuple[str, bool]:
-    """(text, used_fallback): UTF-8 when valid, else latin-1, which decodes any byte string."""
+def decode_text(data: bytes, cut: bool = False) -> tuple[str, bool]:
+    """(text, used_fallback): UTF-8 when valid, else latin-1, which decodes any byte string.
+
+    `cut`: the bytes are a document's first max_document_bytes, so a character split at the
+    end is dropped rather than making the whole document latin-1."""
     try:
         return data.decode("utf-8"), False
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if cut and exc.reason == "unexpected end of data" and exc.end == len(data):
+            return decode_text(data[: exc.start])
         return data.decode("latin-1"), True
 
 
@@ -96,11 +105,11 @@ class TextSpill:
         self._empty: list[bool] = []
         self._sizes: list[np.ndarray] = []
 
-    def add(self, data: bytes | str | None) -> None:
+    def add(self, data: bytes | str | None, cut: bool = False) -> None:
         if isinstance(data, str):
             text, fell_back = data, False
         else:
-            text, fell_back = decode_text(data or b"")
+            text, fell_back = decode_text(data or b"", cut)
         text = clean_text(text, self.strip)
         self._texts.append(text)
         self._fallback.append(fell_back)
@@ -123,20 +132,24 @@ class TextSpill:
         return np.array(self._fallback, dtype=bool), np.array(self._empty, dtype=bool), sizes
 
 
-def spill_archive(members: Iterable[Member], texts: TextSpill, archive: str) -> tuple[pa.ChunkedArray, list[str]]:
-    """(file member paths in archive order, directory members); every file's text goes to `texts`."""
-    chunks, names, dirs = [], [], []
+def spill_archive(members: Iterable[Member], texts: TextSpill, archive: str
+                  ) -> tuple[pa.ChunkedArray, list[str], dict[int, int]]:
+    """(file member paths in archive order, directory members, {file ordinal: full size} of the members
+    cut at max_document_bytes); every file's text goes to `texts`."""
+    chunks, names, dirs, cut = [], [], [], {}
     for member in members:
         if member.is_dir:
             dirs.append(member.name)
             continue
+        if member.full_size is not None:
+            cut[sum(len(c) for c in chunks) + len(names)] = member.full_size
         names.append(member.name)
-        texts.add(member.data)
+        texts.add(member.data, cut=member.full_size is not None)
         if len(names) >= 65_536:
             chunks.append(_names_array(names, archive))
             names = []
     chunks.append(_names_array(names, archive))
-    return pa.chunked_array(chunks, pa.string()), dirs
+    return pa.chunked_array(chunks, pa.string()), dirs, cut
 
 
 def _names_array(names: list[str], archive: str) -> pa.Array:
@@ -185,13 +198,14 @@ def row_groups(sizes: np.ndarray, rows: int, max_bytes: int) -> Iterator[slice]:
 def build_documents(source: Path, cfg: CorpusConfig, out: Staging) -> dict:
     """Write documents.parquet for the archive or table at `source` into `out`; return the manifest's stats."""
     with out.spill(_TEXT) as spill:
-        texts = TextSpill(spill, cfg.strip)
+        texts, cut = TextSpill(spill, cfg.strip), {}
         if table_format(source.name):
             columns = [cfg.text_column, cfg.label_column, *([cfg.split_column] if cfg.split_column else [])]
             labels, splits = spill_table(iter_table(source, columns, binary=[cfg.text_column]), cfg, texts)
             layout: Layout = table_layout(labels, splits, str(source))
         else:
-            paths, dirs = spill_archive(iter_archive(source, cfg.max_extracted_bytes), texts, str(source))
+            members = iter_archive(source, cfg.max_extracted_bytes, max_member_bytes=cfg.max_document_bytes)
+            paths, dirs, cut = spill_archive(members, texts, str(source))
             layout = find_layout(paths, dirs, str(source))
         fallback, empty, sizes = texts.finish()
         docs = ordered_documents(layout, cfg.test_fraction, cfg.seed)
@@ -202,7 +216,10 @@ def build_documents(source: Path, cfg: CorpusConfig, out: Staging) -> dict:
                 table = pa.table([rows["doc_id"], rows["group"], rows["label"], rows["split"],
                                   spill.take(ordinal[part])["text"]], schema=DOCUMENTS)
                 writer.write_table(table, row_group_size=table.num_rows)
-    return corpus_stats(layout, docs, cfg, int(fallback[ordinal].sum()), int(empty[ordinal].sum()))
+    truncated = {doc_id: cut[i] for doc_id, i in zip(docs["doc_id"].to_pylist(), ordinal.tolist(), strict=True) if i in cut}
+    return {**corpus_stats(layout, docs, cfg, int(fallback[ordinal].sum()), int(empty[ordinal].sum())),
+            "max_document_bytes": cfg.max_document_bytes, "truncated_documents": len(truncated),
+            "truncated_examples": dict(sorted(truncated.items())[:100])}  # doc_id -> its full size in bytes
 
 
 def corpus_stats(layout: Layout, docs: pa.Table, cfg: CorpusConfig, fallbacks: int, empty: int) -> dict:
@@ -238,12 +255,18 @@ def corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None
         path = store.only_file(archive)
         try:
             stats = build_documents(path, cfg, out)
+        except Interrupted:  # a stop request says nothing about the archive
+            raise
         except PipelineError:
             forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
             raise
-        step_logger().info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name,
-                           f"{stats['rows']:,}", stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"],
-                           stats["ignored_files"])
+        log = step_logger()
+        log.info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{stats['rows']:,}",
+                 stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])
+        if stats["truncated_documents"]:
+            log.warning("corpus %s: %d document(s) over corpus.max_document_bytes=%s were cut to that size: %s", path.name,
+                        stats["truncated_documents"], f"{cfg.max_document_bytes:,}",
+                        ", ".join(f"{d} ({n:,} bytes)" for d, n in list(stats["truncated_examples"].items())[:5]))
         return stats
 
     return STEP.run(data_home, cfg, [archive], build)

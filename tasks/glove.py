@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 from storage.archives import open_zip, open_zip_member
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import forget_download
-from storage.errors import InputFormatError, PipelineError
+from storage.errors import InputFormatError, Interrupted, PipelineError
 from storage.files import Staging
 from storage.schemas import vectors_schema
 from tasks.config import GloveConfig
@@ -158,6 +158,8 @@ def glove(cfg: GloveConfig, archive: ArtifactRef, data_home: str | None = None) 
     def build(store: ArtifactStore, out: Staging) -> dict:
         try:
             table, stats = read_glove_zip(store.only_file(archive), cfg.dim)
+        except Interrupted:  # a stop request says nothing about the archive
+            raise
         except PipelineError:
             forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
             raise

@@ -21,10 +21,12 @@ import pyarrow.compute as pc
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.checkpoints import CheckpointDir
-from storage.errors import InputFormatError, PipelineError, TrainingDiverged
+from storage.download import stop_requested
+from storage.errors import InputFormatError, Interrupted, PipelineError, TrainingDiverged
 from storage.files import Staging, iter_row_groups, parquet_row_groups
 from storage.schemas import DOCUMENTS, SEQUENCES
 from tasks.config import TrainConfig
+from tasks.progress import Reporter
 from tasks.step import Step, step_logger
 
 HISTORY = pa.schema(
@@ -124,7 +126,7 @@ STEP = Step("train", version=3)  # 2: sublinear tf-idf bag of words; 3: tasks/mo
 def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embeddings: ArtifactRef, key: str,
               out: Staging) -> dict:
     """Train and write the run files into `out`; returns the manifest extras."""
-    from tasks.model import ModelError, ModelInputError, fit_classifier  # imports Keras
+    from tasks.model import ModelError, ModelInputError, TrainingInterrupted, fit_classifier  # imports Keras
     from tasks.model import TrainingDiverged as ModelDiverged
 
     log = step_logger()
@@ -135,11 +137,19 @@ def write_run(cfg: TrainConfig, store: ArtifactStore, tokens: ArtifactRef, embed
     max_length = int(rules.get("max_length") or 1)
     names = label_names(store, tokens, int(rows.labels.max()) + 1)
 
+    def report(epoch: int, epochs: int, batch: int, batches: int, loss: float | None) -> None:
+        reporter.update(batch, batches, phase=f"epoch {epoch}/{epochs}", overall=(epoch - 1 + batch / batches) / epochs,
+                        **({"loss": loss} if loss is not None else {}))
+
     try:
-        model, history, summary = fit_classifier(cfg, rows, None, store.read_npy(embeddings, "matrix.npy"), len(names),
-                                                 max_length, CheckpointDir(store.work_dir(STEP.name, key)), log)
+        with Reporter(STEP.name, "batches") as reporter:
+            model, history, summary = fit_classifier(
+                cfg, rows, None, store.read_npy(embeddings, "matrix.npy"), len(names), max_length,
+                CheckpointDir(store.work_dir(STEP.name, key)), log, should_stop=stop_requested, on_batch=report,
+            )
     except ModelError as exc:  # tasks.model has its own error types: give the pipeline its own
-        kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged}.get(type(exc), PipelineError)
+        kind = {ModelInputError: InputFormatError, ModelDiverged: TrainingDiverged,
+                TrainingInterrupted: Interrupted}.get(type(exc), PipelineError)
         raise kind(str(exc)) from exc
     model.save(out.path("model.keras"))
     out.write_parquet("history.parquet", history_table(history), HISTORY)

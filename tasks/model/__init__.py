@@ -19,6 +19,7 @@ Importing this package imports no Keras: the names below are loaded from their m
 from __future__ import annotations
 
 import importlib
+import sys
 
 _EXPORTS = {
     "fit_classifier": "training",
@@ -52,6 +53,7 @@ _EXPORTS = {
     "ModelInputError": "errors",
     "OutOfDeviceMemory": "errors",
     "TrainingDiverged": "errors",
+    "TrainingInterrupted": "errors",
 }
 __all__ = tuple(sorted(_EXPORTS))
 
@@ -59,7 +61,14 @@ __all__ = tuple(sorted(_EXPORTS))
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    module = f"{__name__}.{_EXPORTS[name]}"
+    if "keras" in sys.modules or module.endswith((".expert_product", ".errors")):
+        value = getattr(importlib.import_module(module), name)
+    else:  # the first Keras import loads TensorFlow, whose C++ start-up log ignores TF_CPP_MIN_LOG_LEVEL
+        from tasks.model.native_log import native_stderr_filtered
+
+        with native_stderr_filtered():
+            value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

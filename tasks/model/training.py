@@ -1,12 +1,14 @@
 """fit_classifier: the resumable training loop, one Keras callback per job.
 
 The callbacks, in the order Keras calls them:
+  StopWhenAsked           after every batch: raises TrainingInterrupted once `should_stop()` is true
   reshuffle               keras LambdaCallback: the epoch's length buckets, a function of (seed, epoch)
   EmbeddingWarmup         opens the GloVe gate after `unfreeze_embeddings_after` epochs
   ExpertWeightsFit        fits the expert weights on the validation slice; adds val_* to the epoch's logs
   DivergenceGuard         keras TerminateOnNaN: a NaN/inf loss (or validation loss) raises TrainingDiverged
   ResumableEarlyStopping  keras EarlyStopping on the product's val_loss, carried across a resume
   EpochCheckpoint         the epoch's history row; ckpt-<epoch>/ with the training state and the best weights
+  BatchProgress           after every batch: the caller's progress callable (epoch, batch, running loss)
 Validation runs in ExpertWeightsFit, not through fit's validation_data: it needs each expert's
 probabilities, and the product of experts' log-loss (not the training loss) drives early stopping.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import keras
@@ -24,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from tasks.model.batches import Rows, StreamedBatches, length_multiple
-from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged
+from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged, TrainingInterrupted
 from tasks.model.expert_product import fit_expert_weights, product_probabilities
 from tasks.model.layers import PACKAGE
 from tasks.model.model import build_model, check_inputs, compile_model, predict_proba
@@ -44,6 +46,22 @@ def best_row(history: Sequence[dict]) -> dict | None:
 
 
 # -- callbacks --------------------------------------------------------------------------------------------
+class StopWhenAsked(keras.callbacks.Callback):
+    """Ends training between two batches once `should_stop()` is true (the caller's stop flag: a SIGTERM)."""
+
+    def __init__(self, should_stop: Callable[[], bool], checkpoints):
+        super().__init__()
+        self.should_stop, self.checkpoints, self.epoch = should_stop, checkpoints, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.should_stop():
+            raise TrainingInterrupted(f"training stopped on request in epoch {self.epoch + 1}, batch {batch + 1}; "
+                                      f"finished epochs are kept in {self.checkpoints} and the next run resumes from them")
+
+
 class EmbeddingWarmup(keras.callbacks.Callback):
     """Keeps the GloVe vectors frozen for the first `after` epochs, then trains them (None: frozen throughout)."""
 
@@ -190,6 +208,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.checkpoints.save(epoch, lambda path: self.model.save_weights(path), best, progress)
 
 
+class BatchProgress(keras.callbacks.Callback):
+    """Calls `report(epoch=, epochs=, batch=, batches=, loss=)` (1-based) after every training batch;
+    loss is the epoch's running mean, as Keras' own progress bar shows it."""
+
+    def __init__(self, report: Callable[..., None], epochs: int, batches: int):
+        super().__init__()
+        self.report, self.epochs, self.batches, self.epoch = report, epochs, batches, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        self.report(epoch=self.epoch, epochs=self.epochs, batch=batch + 1, batches=self.batches,
+                    loss=None if loss is None else float(loss))
+
+
 def restore_checkpoint(model: keras.Model, checkpoints, log) -> dict:
     """Load the newest loadable checkpoint into `model`; its progress, {} when there is none."""
     def read_state(path) -> None:
@@ -274,12 +309,15 @@ def fit_classifier(
     max_length: int,
     checkpoints,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_batch: Callable[..., None] | None = None,
 ) -> tuple[keras.Model, list[dict], dict]:
-    """Train on the documents (a validation slice of them drives early stopping); resume from `checkpoints`
-    (a storage.checkpoints.CheckpointDir: this package never touches files itself). `sequences`: id arrays
-    (with `labels`), or Rows, loaded piece by piece: batches are streamed (StreamedBatches), so memory does
-    not grow with the number of documents. Returns (classifier with the best validation weights, per-epoch
-    history, summary). Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
+    """Train on the documents (a validation slice of them drives early stopping), resuming from `checkpoints`
+    (a storage.checkpoints.CheckpointDir: this package touches no files) and stopping once `should_stop()`;
+    `on_batch` is called after every batch (BatchProgress). `sequences`: id arrays (with `labels`), or Rows,
+    loaded piece by piece: batches are streamed (StreamedBatches), so memory does not grow with the number of
+    documents. Returns (classifier with the best validation weights, per-epoch history, summary); raises
+    ModelInputError, TrainingDiverged, OutOfDeviceMemory or TrainingInterrupted (tasks.model.errors).
     """
     log = log or logging.getLogger(PACKAGE)
     rows = sequences if isinstance(sequences, Rows) else Rows.in_memory(sequences, labels)
@@ -304,12 +342,14 @@ def fit_classifier(
 
     early_stopping = ResumableEarlyStopping(cfg.patience, history, log)
     callbacks = [
+        StopWhenAsked(should_stop, checkpoints),
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: train_data.set_epoch(epoch)),
         EmbeddingWarmup(cfg.unfreeze_embeddings_after),
         ExpertWeightsFit(classifier, rows, validation, max_length),
         DivergenceGuard(cfg.learning_rate, checkpoints),
         early_stopping,
         EpochCheckpoint(cfg, checkpoints, classifier, history, early_stopping, log),
+        *([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else []),
     ]
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not progress.get("stopped"):

@@ -252,6 +252,100 @@ def test_corpus_rejects_an_unsafe_archive(home, tmp_path):
     assert [m["step"] for m in ArtifactStore(home).list()] == ["download"]
 
 
+# -- hostile archives: odd member names, a huge member ------------------------------------------------
+def test_non_utf8_and_control_characters_in_member_names_become_escaped_ids(home, tmp_path):
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:  # names kept as raw bytes
+        for raw in (b"c/a/caf\xe9", b"c/a/two\nlines", b"c/gr\xfcn/\x1b[2J", b"c/gr\xfcn/ok"):
+            info = tarfile.TarInfo(raw.decode("utf-8", "surrogateescape"))
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"text"))
+    archive = download.fn(Source(url=str(path)), data_home=home)
+    ref = corpus.fn(CorpusConfig(test_fraction=0.5), archive, data_home=home)
+    table = ArtifactStore(home).read_parquet(ref, "documents.parquet", DOCUMENTS)
+    names = sorted(d.split("/", 1)[1] for d in table.column("doc_id").to_pylist())
+    assert names == ["a/caf%E9", "a/two%0Alines", "gr%FCn/%1B[2J", "gr%FCn/ok"]
+    assert set(table.column("group").to_pylist()) == {"a", "gr%FCn"}
+
+
+def test_a_document_over_max_document_bytes_is_cut_and_listed(home, tmp_path, caplog):
+    files = {"c/a/long": "ab€".encode() * 10, "c/a/short": b"ok", "c/b/1": b"x", "c/b/2": b"y"}
+    archive = download.fn(Source(url=str(make_tar(tmp_path / "news.tar.gz", files))), data_home=home)
+    cfg = CorpusConfig(test_fraction=0.5, max_document_bytes=9)  # ends inside the 3-byte euro sign
+    with caplog.at_level("WARNING"):
+        ref = corpus.fn(cfg, archive, data_home=home)
+    store = ArtifactStore(home)
+    table = store.read_parquet(ref, "documents.parquet", DOCUMENTS)
+    texts = {d.split("/", 1)[1]: t for d, t in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist())}
+    assert texts["a/long"] == "ab€ab" and texts["a/short"] == "ok"  # the split euro sign dropped, not latin-1
+    manifest = store.read_manifest(ref)
+    long_id = next(d for d in table.column("doc_id").to_pylist() if d.endswith("/a/long"))
+    assert manifest["truncated_documents"] == 1 and manifest["truncated_examples"] == {long_id: 50}
+    assert manifest["max_document_bytes"] == 9 and manifest["latin1_fallbacks"] == 0
+    assert f"{long_id} (50 bytes)" in caplog.text and "corpus.max_document_bytes=9" in caplog.text
+
+
+_BIG_MEMBER_CHILD = r"""
+import json, resource, sys
+from storage.artifacts import ArtifactStore
+from storage.schemas import DOCUMENTS
+from tasks.config import CorpusConfig, Source
+from tasks.corpus import corpus
+from tasks.download import download
+archive_path, home = sys.argv[1:]
+archive = download.fn(Source(url=archive_path), data_home=home)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ref = corpus.fn(CorpusConfig(test_fraction=0.5), archive, data_home=home)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+store = ArtifactStore(home)
+texts = store.read_parquet(ref, "documents.parquet", DOCUMENTS).column("text").to_pylist()
+print(json.dumps({"peak_kib_before": before, "peak_kib_after": after, "lengths": sorted(len(t) for t in texts),
+                  "truncated": store.read_manifest(ref)["truncated_examples"]}))
+"""
+
+
+class _Repeat(io.RawIOBase):
+    """`size` bytes of a repeated word, produced as read (the test never holds them either)."""
+
+    def __init__(self, size: int, word: bytes = b"spam "):
+        self.left, self.block = size, word * (1 << 16)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self.left, len(self.block))
+        buffer[:n] = self.block[:n]
+        self.left -= n
+        return n
+
+
+def test_a_200_mb_member_is_cut_at_the_limit_in_bounded_memory(home, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    size = 200 * 1024**2
+    path = tmp_path / "big.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, length in (("c/a/huge", size), ("c/a/1", 5), ("c/b/1", 5), ("c/b/2", 5)):
+            info = tarfile.TarInfo(name)
+            info.size = length
+            tar.addfile(info, io.BufferedReader(_Repeat(length)))
+    assert path.stat().st_size < 5 * 1024**2
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "ERROR"}
+    done = subprocess.run([sys.executable, "-c", _BIG_MEMBER_CHILD, str(path), home], capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["lengths"] == [5, 5, 5, 1024**2]  # the huge document cut at the default max_document_bytes (1 MiB)
+    assert list(got["truncated"].values()) == [size]
+    growth_mib = (got["peak_kib_after"] - got["peak_kib_before"]) / 1024
+    assert growth_mib < 150, f"the corpus step raised the peak RSS by {growth_mib:.0f} MiB for a {size >> 20} MiB member"
+
+
 def test_the_corpus_task_reads_an_unpinned_table_download(home, tmp_path):
     source = Source(url=write_table(tmp_path / "export.jsonl", ROWS).as_uri())
     archive = download.fn(source, data_home=home)
