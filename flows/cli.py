@@ -277,12 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train and evaluate through this deployment (e.g. train-lstm/gpu) instead of in-process")
     run.set_defaults(func=cmd_run)
 
-    data = sub.add_parser("data", parents=[common], help="download and convert the corpus and GloVe to Parquet (= run --until data)",
+    data = sub.add_parser("data", parents=[common],
+                          help="download and convert the corpus and GloVe to Parquet (= run --until data)",
                           description="Download both archives and build documents.parquet + vectors.parquet.")
     add_run_options(data)
     data.set_defaults(func=cmd_run, until="data", train_deployment=None)
 
-    inspect = sub.add_parser("inspect", parents=[common], help="list artifacts, or show one (manifest, Parquet schema, first rows)",
+    inspect = sub.add_parser("inspect", parents=[common],
+                             help="list artifacts, or show one (manifest, Parquet schema, first rows)",
                              description="Without TARGET: list every artifact. TARGET: STEP (list that step), "
                                          "STEP/KEY (a unique key prefix is enough) or a path to an artifact "
                                          "directory or file.")

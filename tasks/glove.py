@@ -77,7 +77,8 @@ def parse_vectors(stream: IO[bytes], dim: int, source: str = "vectors",
     if not finite.all():
         line = int(np.argmin(finite)) + 1
         bad = matrix[line - 1][~np.isfinite(matrix[line - 1])][0]
-        raise InputFormatError(f"{source}, line {line}: value {bad} is not finite (word {table.column('word')[line - 1].as_py()!r})")
+        word = table.column("word")[line - 1].as_py()
+        raise InputFormatError(f"{source}, line {line}: value {bad} is not finite (word {word!r})")
 
     words = table.column("word").combine_chunks()
     duplicates = table.num_rows - pc.count_distinct(words).as_py()
