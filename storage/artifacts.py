@@ -348,6 +348,11 @@ class ArtifactStore:
         """
         return _ensure_dir(self.backend.scratch / step / f".work-{key}")
 
+    def remove(self, step: str, key: str) -> None:
+        """Delete an artifact (e.g. the shards a step has joined, once that step is published)."""
+        with self.lock(step, key):
+            self.backend.delete_tree(f"{step}/{key}")
+
     def discard_work(self, step: str, key: str) -> None:
         shutil.rmtree(self.backend.scratch / step / f".work-{key}", ignore_errors=True)
 

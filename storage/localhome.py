@@ -11,6 +11,7 @@ stamps make that a stat() for a file that has not changed since it was last hash
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -55,6 +56,9 @@ class LocalHome:
         except FileNotFoundError:
             return False
         return True
+
+    def delete_tree(self, rel: str) -> None:
+        shutil.rmtree(self._abs(rel), ignore_errors=True)
 
     def children(self, rel: str) -> list[str]:
         try:

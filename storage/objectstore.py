@@ -107,7 +107,7 @@ class ObjectHome:
             return False
         return True
 
-    def _delete_tree(self, rel: str) -> None:
+    def delete_tree(self, rel: str) -> None:
         try:
             self.fs.delete_dir(self._abs(rel))
         except FileNotFoundError:
@@ -188,12 +188,12 @@ class ObjectHome:
                 shutil.copyfileobj(src, dst, CHUNK)
         won = self._create(f"{step}/{key}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode(), attempt)
         if not won:
-            self._delete_tree(f"{step}/{key}/{attempt}")
+            self.delete_tree(f"{step}/{key}/{attempt}")
             return False
         if self.scheme == "s3":  # with create-only manifests no other attempt can still win: drop their leftovers
             for child in self.children(f"{step}/{key}"):
                 if child != attempt:
-                    self._delete_tree(f"{step}/{key}/{child}")
+                    self.delete_tree(f"{step}/{key}/{child}")
         for name, meta in manifest["files"].items():
             self.cache.adopt(staging / name, name, meta["sha256"])
         return True
@@ -230,7 +230,7 @@ class ObjectHome:
         for info in infos:
             self.fs.copy_file(info.path, target + info.path[len(source):])
         self.delete(f"{step}/{key}/{MANIFEST}")
-        self._delete_tree(f"{step}/{key}")
+        self.delete_tree(f"{step}/{key}")
         return f"{self.scheme}://{target}"
 
     # -- preflight ------------------------------------------------------------------------------------
