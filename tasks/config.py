@@ -197,11 +197,14 @@ class EvaluateConfig(_Frozen):
 class ParallelConfig(_Frozen):
     """How the shards of a step run. No artifact key depends on it: the artifacts are the same however they ran."""
 
-    shards: int = Field(0, ge=0)  # tokenize shards (cut by row groups of documents.parquet); 0: one per CPU core here
-    # "threads" (Prefect's ThreadPoolTaskRunner: Arrow releases the GIL), "processes" (ProcessPoolTaskRunner),
-    # or the import path of any Prefect task runner class, e.g. "prefect_dask.DaskTaskRunner"
-    task_runner: str = "threads"
-    options: dict[str, Any] = {}  # keyword arguments of that class, e.g. {"address": "tcp://scheduler:8786"}
+    shards: int = Field(0, ge=0, strict=True, description="Tokenize shards, cut by row groups of documents.parquet; "
+                                                          "0: one per CPU core of the machine running the flow.")
+    task_runner: str = Field("threads", description="How the shards run: 'threads' (Prefect's ThreadPoolTaskRunner; "
+                                                    "Arrow releases the GIL), 'processes' (ProcessPoolTaskRunner), or the "
+                                                    "import path of any Prefect task runner class, e.g. "
+                                                    "'prefect_dask.DaskTaskRunner'.")
+    options: dict[str, Any] = Field({}, description="Keyword arguments of that task runner class, e.g. "
+                                                    "{\"address\": \"tcp://scheduler:8786\"}.")
 
 
 class PipelineConfig(_Frozen):

@@ -75,7 +75,6 @@ def parse_vectors(stream: IO[bytes], dim: int, source: str = "vectors",
             raise _locate_error(fresh, dim, source) or InputFormatError(f"{source}: unparsable ({exc})") from None
     if not parts or sum(len(p) for p in parts) == 0:
         raise InputFormatError(f"{source}: no vectors (empty file)")
-
     words = pa.chunked_array(word_chunks, pa.string()).combine_chunks()
     lines = len(words)
     start = 0
@@ -88,23 +87,27 @@ def parse_vectors(stream: IO[bytes], dim: int, source: str = "vectors",
                                    f"(word {words[start + row].as_py()!r})")
         start += len(part)
     # One vector chunk per block, on the blocks' own buffers: the floats are never copied into one matrix.
-    vectors = pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1), pa.float32()), dim) for p in parts],
-                               pa.list_(pa.float32(), dim))
+    vectors = pa.chunked_array(
+        [pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1), pa.float32()), dim) for p in parts],
+        pa.list_(pa.float32(), dim))
     out = pa.Table.from_arrays([words, vectors], schema=vectors_schema(dim))
     del parts, vectors
 
-    duplicates = lines - pc.count_distinct(words).as_py()
-    duplicate_examples: list[str] = []
-    if duplicates:
-        first = (pa.table({"word": words, "row": pa.array(np.arange(len(words)))})
-                 .group_by("word", use_threads=False).aggregate([("row", "min")]))
-        keep = np.sort(first.column("row_min").to_numpy())
-        dropped = np.setdiff1d(np.arange(len(words)), keep)
-        duplicate_examples = words.take(pa.array(dropped[:10])).to_pylist()
-        out = out.take(pa.array(keep))
-    stats = {"dim": dim, "lines": lines, "words": out.num_rows, "duplicate_words": duplicates,
+    out, duplicate_examples = _first_of_each_word(out, words)
+    stats = {"dim": dim, "lines": lines, "words": out.num_rows, "duplicate_words": lines - out.num_rows,
              "duplicate_examples": duplicate_examples}
     return out, stats
+
+
+def _first_of_each_word(table: pa.Table, words: pa.Array) -> tuple[pa.Table, list[str]]:
+    """The table keeping only the first line of a repeated word, and up to 10 of the dropped words."""
+    if pc.count_distinct(words).as_py() == len(words):
+        return table, []
+    first = (pa.table({"word": words, "row": pa.array(np.arange(len(words)))})
+             .group_by("word", use_threads=False).aggregate([("row", "min")]))
+    keep = np.sort(first.column("row_min").to_numpy())
+    dropped = np.setdiff1d(np.arange(len(words)), keep)
+    return table.take(pa.array(keep)), words.take(pa.array(dropped[:10])).to_pylist()
 
 
 def _rewound(stream: IO[bytes]) -> IO[bytes]:

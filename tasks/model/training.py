@@ -326,7 +326,6 @@ def fit_classifier(
                        for part in validation_split(rows.labels, cfg.validation_fraction, cfg.seed))
     idf, low, top = scan_rows(rows, fit, len(matrix))
     check_inputs(matrix, (low, top), rows.labels, n_classes)
-
     training_model, classifier = build_model(cfg, matrix, n_classes, idf)
     experts = training_model.output_shape[1]
     train_data = StreamedBatches(rows, fit, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed,
@@ -349,20 +348,15 @@ def fit_classifier(
         DivergenceGuard(cfg.learning_rate, checkpoints),
         early_stopping,
         EpochCheckpoint(cfg, checkpoints, classifier, history, early_stopping, log),
-        *([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else []),
-    ]
+    ] + ([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else [])
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not progress.get("stopped"):
         _fit(training_model, train_data, cfg, initial_epoch, callbacks, info, checkpoints)
     if (best := checkpoints.best_weights()) is not None:
         classifier.set_weights(best)
     return classifier, history, {
-        **info,
-        **_history_summary(history),
-        "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
-        "resumed_from_epoch": initial_epoch,
-        "train_documents": int(fit.sum()),
-        "validation_documents": int(validation.sum()),
+        **info, **_history_summary(history), "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
+        "resumed_from_epoch": initial_epoch, "train_documents": int(fit.sum()), "validation_documents": int(validation.sum()),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
