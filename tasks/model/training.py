@@ -357,12 +357,8 @@ def fit_classifier(
     if (best := checkpoints.best_weights()) is not None:
         classifier.set_weights(best)
     return classifier, history, {
-        **info,
-        **_history_summary(history),
-        "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
-        "resumed_from_epoch": initial_epoch,
-        "train_documents": int(fit.sum()),
-        "validation_documents": int(validation.sum()),
+        **info, **_history_summary(history), "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
+        "resumed_from_epoch": initial_epoch, "train_documents": int(fit.sum()), "validation_documents": int(validation.sum()),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
