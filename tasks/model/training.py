@@ -326,7 +326,6 @@ def fit_classifier(
                        for part in validation_split(rows.labels, cfg.validation_fraction, cfg.seed))
     idf, low, top = scan_rows(rows, fit, len(matrix))
     check_inputs(matrix, (low, top), rows.labels, n_classes)
-
     training_model, classifier = build_model(cfg, matrix, n_classes, idf)
     experts = training_model.output_shape[1]
     train_data = StreamedBatches(rows, fit, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed,
