@@ -93,7 +93,7 @@ def main() -> None:
         for corpus in ("20news-bydate.tar.gz", "news20.tar.gz"):
             source = Source(url=f"{base}/{corpus}", sha256=SHA256[corpus])
             timings, cached = {}, {}
-            for attempt, sink in (("first", timings), ("cached", cached)):
+            for _attempt, sink in (("first", timings), ("cached", cached)):
                 t0 = time.perf_counter()
                 archive = download.fn(source, data_home=home)
                 t1 = time.perf_counter()

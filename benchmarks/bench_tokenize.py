@@ -178,7 +178,7 @@ def run(args, results: dict, rules: Rules, base: str, home: str, httpd) -> None:
     word_index = dict(zip(vocab["token"].to_pylist(), vocab["id"].to_pylist()))
     glove_zip = store.local_dir(fetch["glove.6B.zip"]) / "glove.6B.zip"
     parse_s, embeddings_index = timed(lambda: recipe_glove_parse(glove_zip, 50), 1)
-    loop_s, recipe = timed(lambda: recipe_matrix(word_index, embeddings_index, 50), args.repeats)
+    loop_s, recipe = timed(lambda index=embeddings_index: recipe_matrix(word_index, index, 50), args.repeats)
     del embeddings_index
     vector_table = read_vectors(store, vectors)
     pure_s, (matrix, _hit) = timed(lambda: embedding_matrix(vocab, vector_table, "zeros"), args.repeats)

@@ -11,20 +11,18 @@ from __future__ import annotations
 import argparse
 import contextvars
 import json
-import logging
 import os
 import signal
 import sys
 import traceback
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from flows import render
+from flows.api import DEFAULT_IDLE_MINUTES, IDLE_ENV, idle_seconds, prefect_api, prefect_home, start_local_api_early
 from flows.shutdown import Shutdown, Stopped
 from storage.errors import UsageError
-from tasks.progress import PROGRESS_LOGGER
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # = flows.steps.STAGES, without importing Prefect
@@ -54,88 +52,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- the Prefect API a command uses -------------------------------------------------------------
-IDLE_ENV = "NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES"
-DEFAULT_IDLE_MINUTES = 15.0
-
-
-@dataclass
-class Api:
-    kind: str  # "configured" (PREFECT_API_URL), "local" (the background server) or "temporary" (Prefect's own)
-    url: str | None = None
-
-
-def _idle_seconds() -> float:
-    raw = os.environ.get(IDLE_ENV, str(DEFAULT_IDLE_MINUTES))
-    try:
-        return float(raw) * 60
-    except ValueError:
-        raise UsageError(f"{IDLE_ENV}={raw!r}: expected a number of minutes (0: no background server)") from None
-
-
-def _prefect_home() -> Path:
-    """PREFECT_HOME as Prefect reads it, without importing Prefect (only the environment can set it)."""
-    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-
-
-def start_local_api_early() -> bool:
-    """Start the local server (if it is not running) before this process imports Prefect, so both start at once.
-    Whether it was started: the profile may turn out to name an API (prefect_api then stops it)."""
-    if os.environ.get("PREFECT_API_URL") or _idle_seconds() <= 0:
-        return False
-    if "prefect.settings" in sys.modules:  # already loaded (main() called in-process): asking it costs nothing
-        from prefect.settings import PREFECT_API_URL
-
-        if PREFECT_API_URL.value():
-            return False
-    from storage.prefect_api import start
-
-    return start(_prefect_home(), _idle_seconds())[1]
-
-
-@contextmanager
-def prefect_api(started_early: bool = False):
-    """The API the flow reports to: PREFECT_API_URL if set (environment or profile), else the local background
-    server (storage.prefect_api, reused between commands), else with NEWSGROUPS_LSTM_SERVER_IDLE_MINUTES=0
-    Prefect's temporary one (started and stopped by this process)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from storage import prefect_api as local
-
-    if PREFECT_API_URL.value():
-        if started_early:
-            local.stop(_prefect_home())
-        yield Api("configured", PREFECT_API_URL.value())
-        return
-    if _idle_seconds() <= 0:
-        yield Api("temporary")
-        return
-    home = _prefect_home()
-    if not (home / "prefect.db").exists():
-        logging.getLogger(PROGRESS_LOGGER).info("starting a local Prefect server (the first start creates its "
-                                                "database in %s; later commands reuse the server)", home)
-    url = local.local_api(home, _idle_seconds())
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield Api("local", url)
-
-
 def cmd_server(args: argparse.Namespace) -> int:
     from storage import prefect_api as local
 
-    home = _prefect_home()
+    home = prefect_home()
     if args.action == "stop":
         state = local.stop(home)
         print(f"stopped the local Prefect server at {state['url']}" if state else "no local Prefect server running")
         return EXIT_OK
     state = local.running(home)
     if args.action == "start" and state is None:
-        local.local_api(home, _idle_seconds())
+        local.local_api(home, idle_seconds())
         state = local.running(home)
     if state is None:
         print(f"no local Prefect server running (PREFECT_HOME {home})")
         return EXIT_FAILED if args.action == "status" else EXIT_OK
     print(f"Prefect UI: {state['url'].removesuffix('/api')}   API: {state['url']}   pid {state['pid']}   "
-          f"stops after {_idle_seconds() / 60:g} idle minutes")
+          f"stops after {idle_seconds() / 60:g} idle minutes")
     return EXIT_OK
 
 
@@ -277,25 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train and evaluate through this deployment (e.g. train-lstm/gpu) instead of in-process")
     run.set_defaults(func=cmd_run)
 
-    data = sub.add_parser("data", parents=[common], help="download and convert the corpus and GloVe to Parquet (= run --until data)",
+    data = sub.add_parser("data", parents=[common],
+                          help="download and convert the corpus and GloVe to Parquet (= run --until data)",
                           description="Download both archives and build documents.parquet + vectors.parquet.")
     add_run_options(data)
     data.set_defaults(func=cmd_run, until="data", train_deployment=None)
 
-    inspect = sub.add_parser("inspect", parents=[common], help="list artifacts, or show one (manifest, Parquet schema, first rows)",
+    add_home(_add_inspect_parser(sub, common))
+    _add_predict_parser(sub, common, add_home)
+    add_home(_add_verify_parser(sub, common))
+    _add_server_parser(sub, common)
+    return parser
+
+
+def _add_inspect_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    inspect = sub.add_parser("inspect", parents=[common],
+                             help="list artifacts, or show one (manifest, Parquet schema, first rows)",
                              description="Without TARGET: list every artifact. TARGET: STEP (list that step), "
                                          "STEP/KEY (a unique key prefix is enough) or a path to an artifact "
                                          "directory or file.")
     inspect.add_argument("target", nargs="?", metavar="TARGET")
     inspect.add_argument("--lineage", action="store_true", help="walk TARGET's upstream artifacts")
     inspect.add_argument("--rows", type=int, default=5, help="rows to show per Parquet file (default 5)")
-    add_home(inspect)
     inspect.set_defaults(func=cmd_inspect)
-
-    _add_predict_parser(sub, common, add_home)
-    add_home(_add_verify_parser(sub, common))
-    _add_server_parser(sub, common)
-    return parser
+    return inspect
 
 
 def _add_predict_parser(sub, common: argparse.ArgumentParser, add_home) -> None:

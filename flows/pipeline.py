@@ -15,6 +15,10 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.results import publish_results
+from flows.steps import StepRunner, say
+from flows.tokenize import shard_count, task_runner, tokenize_shards
+from flows.train import train_on_deployment
 from storage.home import data_home
 from tasks.config import PipelineConfig, with_source_env
 from tasks.corpus import corpus
@@ -25,11 +29,6 @@ from tasks.glove import glove
 from tasks.tokens import STEP as TOKENS
 from tasks.tokens import tokens
 from tasks.train import train
-
-from flows.results import publish_results
-from flows.steps import StepRunner, say
-from flows.tokenize import shard_count, task_runner, tokenize_shards
-from flows.train import train_on_deployment
 
 FLOW_NAME = "newsgroups-pipeline"
 Stage = Literal["data", "tokens", "embeddings", "train", "evaluate"]

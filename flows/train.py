@@ -14,14 +14,13 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run as current_flow_run
 
+from flows.results import publish_results
+from flows.steps import StepRunner, say
 from storage.artifacts import ArtifactRef
 from storage.errors import PipelineError
 from tasks import evaluate as evaluate_step
 from tasks import train as train_step
 from tasks.config import EvaluateConfig, TrainConfig
-
-from flows.results import publish_results
-from flows.steps import StepRunner, say
 
 FLOW_NAME = "train-lstm"
 

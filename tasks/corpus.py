@@ -39,7 +39,7 @@ from tasks.corpus_layout import Layout, find_layout, ordered_documents, table_la
 from tasks.step import Step, step_logger
 
 ROW_GROUP_ROWS = 2048  # documents per row group of documents.parquet: the unit later steps shard by
-ROW_GROUP_BYTES = 32 << 20  # ... or fewer, when their texts add up to more
+ROW_GROUP_BYTES = 8 << 20  # ... or fewer, when their texts add up to more (what a step holds per row group)
 _SPILL_ROWS, _SPILL_BYTES = 4096, 4 << 20
 _TEXT = pa.schema([("text", pa.string())])
 

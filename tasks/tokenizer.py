@@ -167,7 +167,8 @@ def count_words(word_lists: Iterable[pa.ListArray]) -> pa.Table:
         if len(parts) >= 8:  # bound memory: fold batches as we go
             parts = [merge_counts(parts)]
     if not parts:
-        return pa.table({"token": pa.array([], pa.string()), "count": pa.array([], pa.int64()), "first": pa.array([], pa.int64())})
+        return pa.table({"token": pa.array([], pa.string()), "count": pa.array([], pa.int64()),
+                         "first": pa.array([], pa.int64())})
     return merge_counts(parts)
 
 
@@ -184,7 +185,8 @@ def vocabulary(counts: pa.Table, num_words: int) -> pa.Table:
     order = pc.sort_indices(counts, sort_keys=[("count", "descending"), ("first", "ascending")])[:num_words]
     top = counts.take(order)
     return pa.table(
-        {"token": top["token"], "id": pa.array(np.arange(1, top.num_rows + 1, dtype=np.int32)), "count": top["count"].cast(pa.int64())},
+        {"token": top["token"], "id": pa.array(np.arange(1, top.num_rows + 1, dtype=np.int32)),
+         "count": top["count"].cast(pa.int64())},
         schema=VOCAB,
     )
 
@@ -230,7 +232,8 @@ def _kept_positions(parent: np.ndarray, lengths: np.ndarray, max_length: int, tr
     return (position < head) | (position >= length - (max_length - head))
 
 
-def texts_to_ids(texts: Any, vocab: pa.Table | Mapping[str, int], rules: Rules | TokenizeConfig | Mapping[str, Any]) -> pa.ListArray:
+def texts_to_ids(texts: Any, vocab: pa.Table | Mapping[str, int],
+                 rules: Rules | TokenizeConfig | Mapping[str, Any]) -> pa.ListArray:
     """Raw texts -> list<int32> ids with the stored rules (tokenizer.json) and vocabulary (vocab.parquet)."""
     rules = rules_of(rules)
     return encode(split_words(texts, rules), vocab, rules)[0]
@@ -252,6 +255,7 @@ def tokenizer_rules(cfg: TokenizeConfig, vocab_size: int, distinct_words: int) -
         "oov_rule": "words not in the vocabulary are dropped from the sequence; no OOV id",
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,
-        "truncation_rule": "applied at tokenize time; names the part kept: head=first, tail=last, both=first ceil(L/2)+last floor(L/2)",
+        "truncation_rule": "applied at tokenize time; names the part kept: head=first, tail=last, "
+                           "both=first ceil(L/2)+last floor(L/2)",
         "length": "number of in-vocabulary ids before truncation",
     }

@@ -348,8 +348,7 @@ def fit_classifier(
         DivergenceGuard(cfg.learning_rate, checkpoints),
         early_stopping,
         EpochCheckpoint(cfg, checkpoints, classifier, history, early_stopping, log),
-        *([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else []),
-    ]
+    ] + ([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else [])
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not progress.get("stopped"):
         _fit(training_model, train_data, cfg, initial_epoch, callbacks, info, checkpoints)

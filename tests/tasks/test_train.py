@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage.checkpoints import CheckpointDir
 from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.checkpoints import CheckpointDir
 from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 from tasks.config import PipelineConfig, TrainConfig, with_preset
 from tests.tasks._training_data import publish_inputs, synthetic_sequences, tiny_config
@@ -192,7 +192,7 @@ def test_matrix_that_does_not_match_the_vocabulary_is_rejected_before_building(t
 # -- empty documents, padding and bucketing -------------------------------------------------------------
 @pytest.mark.parametrize("architecture", ["lstm_pool", "bilstm_pool", "lstm_last"])
 def test_batches_holding_empty_documents_train_without_nan(tmp_path, architecture):
-    from tasks.model import pad_batch, predict_proba, fit_classifier
+    from tasks.model import fit_classifier, pad_batch, predict_proba
 
     sequences, labels, matrix = synthetic_sequences(n=60, empty=20)  # a third of the documents are empty
     ids, lengths = pad_batch([sequences[0], sequences[25]], 30)
