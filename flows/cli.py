@@ -22,10 +22,10 @@ from typing import Any
 from flows import render
 from flows.api import DEFAULT_IDLE_MINUTES, IDLE_ENV, idle_seconds, prefect_api, prefect_home, start_local_api_early
 from flows.shutdown import Shutdown, Stopped
+from flows.stages import STAGES
 from storage.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # = flows.steps.STAGES, without importing Prefect
 
 
 # -- commands -----------------------------------------------------------------------------------

@@ -13,14 +13,10 @@ from typing import Any
 
 from prefect.states import State
 
+from flows.stages import STAGE_OF_STEP, STAGES, STEP_ORDER
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import PipelineError
 from tasks.step import Step, step_logger
-
-STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # --until: stop after this stage
-STAGE_OF_STEP = {"download": "data", "corpus": "data", "glove": "data", "tokens": "tokens", "embeddings": "embeddings",
-                 "train": "train", "evaluate": "evaluate"}
-STEP_ORDER = ("download-glove", "download-corpus", "corpus", "glove", "tokens", "embeddings", "train", "evaluate")
 
 
 def say(message: str) -> None:
