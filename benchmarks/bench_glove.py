@@ -26,9 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tasks.config import CorpusConfig, GloveConfig, Source  # noqa: E402
-from tasks.corpus import corpus  # noqa: E402
 from tasks.download import download  # noqa: E402
-from tasks.glove import glove_member, glove, read_glove_zip  # noqa: E402
+from tasks.glove import glove, glove_member, read_glove_zip  # noqa: E402
 
 SHA256 = {  # from shared/data/README.md (repacked copies)
     "20news-bydate.tar.gz": "53027b79f71f27034d8d89a5b453d614685f400af36370c9df8766299899ec78",
@@ -94,7 +93,7 @@ def main() -> None:
         for corpus in ("20news-bydate.tar.gz", "news20.tar.gz"):
             source = Source(url=f"{base}/{corpus}", sha256=SHA256[corpus])
             timings, cached = {}, {}
-            for attempt, sink in (("first", timings), ("cached", cached)):
+            for _attempt, sink in (("first", timings), ("cached", cached)):
                 t0 = time.perf_counter()
                 archive = download.fn(source, data_home=home)
                 t1 = time.perf_counter()

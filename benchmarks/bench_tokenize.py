@@ -40,9 +40,11 @@ from storage.schemas import DOCUMENTS, SEQUENCES, VOCAB  # noqa: E402
 from tasks.config import CorpusConfig, EmbeddingsConfig, GloveConfig, Source, TokenizeConfig  # noqa: E402
 from tasks.corpus import corpus  # noqa: E402
 from tasks.download import download  # noqa: E402
-from tasks.embeddings import embeddings, embedding_matrix, read_vectors  # noqa: E402
+from tasks.embeddings import embedding_matrix, embeddings, read_vectors  # noqa: E402
 from tasks.glove import glove  # noqa: E402
-from tasks.tokens import BATCH_ROWS, Rules, count_words, encode, split_words, tokenize, vocabulary  # noqa: E402
+from tasks.tokenizer import Rules, count_words, encode, split_words, vocabulary  # noqa: E402
+from tasks.tokens import BATCH_ROWS  # noqa: E402
+from tasks.tokens import tokens as tokenize  # noqa: E402
 
 RECIPE_WORDS = 20_000  # the recipe's MAX_NB_WORDS
 
@@ -176,7 +178,7 @@ def run(args, results: dict, rules: Rules, base: str, home: str, httpd) -> None:
     word_index = dict(zip(vocab["token"].to_pylist(), vocab["id"].to_pylist()))
     glove_zip = store.local_dir(fetch["glove.6B.zip"]) / "glove.6B.zip"
     parse_s, embeddings_index = timed(lambda: recipe_glove_parse(glove_zip, 50), 1)
-    loop_s, recipe = timed(lambda: recipe_matrix(word_index, embeddings_index, 50), args.repeats)
+    loop_s, recipe = timed(lambda index=embeddings_index: recipe_matrix(word_index, index, 50), args.repeats)
     del embeddings_index
     vector_table = read_vectors(store, vectors)
     pure_s, (matrix, _hit) = timed(lambda: embedding_matrix(vocab, vector_table, "zeros"), args.repeats)

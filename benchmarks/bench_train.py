@@ -72,13 +72,15 @@ def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str,
     dev=True: the test split is left out altogether and each group's latest 10% of training posts is scored
     instead, so that settings are compared without ever looking at the test split.
     """
-    from storage.archives import iter_archive
+    import pyarrow.parquet as pq
+
+    from storage.files import Staging
     from tasks.config import CorpusConfig, EmbeddingsConfig, TokenizeConfig
     from tasks.corpus import build_documents
     from tasks.embeddings import embedding_matrix
     from tasks.glove import read_glove_zip
     from tasks.model.training import validation_split
-    from tasks.tokens import encode, fit_vocabulary, rules_of, split_words
+    from tasks.tokenizer import encode, fit_vocabulary, rules_of, split_words
     from tasks.train import posting_order
 
     for name, expected in SHA256.items():
@@ -92,8 +94,9 @@ def prepare(data_dir: Path, settings: list[str], tokenizers: set[tuple[int, str,
     embeddings_cfg = EmbeddingsConfig()
     for setting in settings:
         started = time.perf_counter()
-        documents, _ = build_documents(iter_archive(data_dir / "20news-bydate.tar.gz"), CorpusConfig(strip=SETTINGS[setting]),
-                                       archive="20news-bydate.tar.gz")
+        with tempfile.TemporaryDirectory() as scratch:
+            build_documents(data_dir / "20news-bydate.tar.gz", CorpusConfig(strip=SETTINGS[setting]), Staging(Path(scratch)))
+            documents = pq.read_table(Path(scratch) / "documents.parquet")
         if dev:
             documents = documents.filter(np.asarray(documents["split"].to_pylist()) == "train")
         texts = documents["text"]

@@ -9,7 +9,7 @@ from typing import Any
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -37,6 +37,9 @@ def summary(result: dict) -> str:
              if isinstance(metrics.get(key), (int, float))]
     if shown:
         out.append("   ".join(f"{label}: {value:.4f}" for label, value in shown))
+    flow_run = result.get("flow_run") or {}
+    if flow_run.get("ui_url"):
+        out.append(f"Prefect flow run {flow_run.get('name')}: {flow_run['ui_url']}")
     return "\n".join(out)
 
 
@@ -79,11 +82,19 @@ def parquet_preview(name: str, rows: int, schema, head) -> str:
 def predictions(results: list[dict]) -> str:
     lines = []
     for r in results:
-        snippet = " ".join(r["text"].split())
+        snippet = printable(" ".join(r["text"].split()))
         snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
-        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
-        lines.append(f"{r['label']}\t{top}\t{snippet}")
+        top = "  ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in r["top"])
+        lines.append(f"{printable(r['label'])}\t{top}\t{snippet}")
     return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: characters that are not printable (ESC and the other controls,
+    bidirectional overrides, ...) are shown escaped, as Python writes them (\\x1b, \\u202e)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _spread(row: dict, measure: str) -> str | None:

@@ -13,14 +13,10 @@ from typing import Any
 
 from prefect.states import State
 
+from flows.stages import STAGE_OF_STEP, STAGES, STEP_ORDER
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import PipelineError
-from tasks.step import step_logger
-
-STAGES = ("data", "tokens", "embeddings", "train", "evaluate")  # --until: stop after this stage
-STAGE_OF_STEP = {"download": "data", "corpus": "data", "glove": "data", "tokens": "tokens", "embeddings": "embeddings",
-                 "train": "train", "evaluate": "evaluate", "sweep": "evaluate"}
-STEP_ORDER = ("download-glove", "download-corpus", "corpus", "glove", "tokens", "embeddings", "train", "evaluate", "sweep")
+from tasks.step import Step, step_logger
 
 
 def say(message: str) -> None:
@@ -53,6 +49,23 @@ class StepRunner:
         self._record(name, state, time.perf_counter() - started)
         return self._note(name, state.result())
 
+    def shards(self, subflow, step: Step, cfg: Any, upstream: StepFuture | ArtifactRef | None, *inputs) -> list | None:
+        """Run `subflow` (which builds the shards of `step`) unless the store already holds the step's artifact.
+
+        Its result ([] when skipped) goes to the step's task; its time counts in the step's seconds (and is
+        recorded alone as shard_seconds).
+        """
+        args = self._resolve((upstream, *inputs))
+        if args is None or not self.wanted(step.name):
+            return None
+        if self.store.find(step.name, step.key(cfg, [args[0]])):
+            return []
+        started = time.perf_counter()
+        result = subflow(cfg, *args, data_home=self.home)
+        with self._lock:
+            self.steps.setdefault(step.name, {})["shard_seconds"] = round(time.perf_counter() - started, 3)
+        return result
+
     def submit(self, task, *inputs, name: str | None = None) -> StepFuture | None:
         """Start the step on the flow's task runner (upstream steps are waited for first)."""
         name = name or task.name
@@ -79,6 +92,7 @@ class StepRunner:
         metrics = self.store.read_json(evaluation, "metrics.json") if evaluation else {}
         order = {name: i for i, name in enumerate(STEP_ORDER)}
         return {
+            "flow_run": flow_run_info(),
             "data_home": self.home,
             "until": self.until,
             "artifacts": {name: ref.model_dump(mode="json") for name, ref in self.refs.items()},
@@ -86,6 +100,14 @@ class StepRunner:
             "steps": {name: self.steps[name] for name in sorted(self.steps, key=lambda n: order.get(n, len(order)))},
             "seconds": round(time.perf_counter() - started, 3),
         }
+
+    def trained_by(self) -> str | None:
+        """A markdown line naming the flow run that trained the model, when a deployment did (add(flow_run=...))."""
+        train = self.steps.get("train", {})
+        if not train.get("flow_run"):
+            return None
+        name = f"[{train['flow_run']}]({train['ui_url']})" if train.get("ui_url") else f"`{train['flow_run']}`"
+        return f"flow run {name} of deployment `{train.get('deployment')}` on work pool `{train.get('work_pool')}`"
 
     def _resolve(self, inputs: tuple) -> list | None:
         args = []
@@ -99,8 +121,9 @@ class StepRunner:
 
     def _record(self, name: str, state: State, seconds: float) -> None:
         with self._lock:
-            self.steps.setdefault(name, {}).update(state=state.name, seconds=round(seconds, 3),
-                                                   task_run_id=str(state.state_details.task_run_id))
+            step = self.steps.setdefault(name, {})
+            seconds += step.get("shard_seconds", 0.0)  # a step built in shards took them as well
+            step.update(state=state.name, seconds=round(seconds, 3), task_run_id=str(state.state_details.task_run_id))
         say(f"{name}: {state.name} in {seconds:.1f} s")
 
     def _note(self, name: str, ref: ArtifactRef) -> ArtifactRef:
@@ -110,6 +133,15 @@ class StepRunner:
             self.refs[name] = ref
             self.steps.setdefault(name, {}).update(step=ref.step, key=ref.key, uri=ref.uri, rows=ref.rows)
         return ref
+
+
+def flow_run_info() -> dict[str, Any]:
+    """This flow run's name, id and UI address (None outside a run)."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
+
+    return {"name": flow_run.name, "id": flow_run.id,
+            "ui_url": url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None}
 
 
 class StepFuture:

@@ -14,14 +14,13 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run as current_flow_run
 
+from flows.results import publish_results
+from flows.steps import StepRunner, say
 from storage.artifacts import ArtifactRef
 from storage.errors import PipelineError
 from tasks import evaluate as evaluate_step
 from tasks import train as train_step
 from tasks.config import EvaluateConfig, TrainConfig
-
-from flows.results import publish_results
-from flows.steps import StepRunner, say
 
 FLOW_NAME = "train-lstm"
 
@@ -35,10 +34,21 @@ def train_and_evaluate(
     data_home: str,
     until: Literal["train", "evaluate"] = "evaluate",
 ) -> dict[str, Any]:
-    """Return the run's summary: {"artifacts": {"train": ref, "evaluate": ref}, "metrics": {...}, ...} (JSON-able)."""
+    """Return the run's summary: {"artifacts": {"train": ref, "evaluate": ref}, "metrics": {...}, ...} (JSON-able).
+
+    Args:
+        train: Model and training settings (the pipeline's config.train).
+        evaluate: Evaluation settings (the pipeline's config.evaluate).
+        tokens: The tokens artifact to train on (written by the pipeline).
+        embeddings: The embedding-matrix artifact to start from (written by the pipeline).
+        data_home: The data home both the pipeline and this worker reach (shared path or object store).
+        until: Stop after train, or also evaluate.
+    """
     started = time.perf_counter()
     run = StepRunner(data_home, until)
-    publish_results(run.store, train_then_evaluate(run, None, train, evaluate, tokens, embeddings))
+    evaluation = train_then_evaluate(run, None, train, evaluate, tokens, embeddings)
+    publish_results(run.store, evaluation, config={"train": train.model_dump(mode="json"),
+                                                   "evaluate": evaluate.model_dump(mode="json")})
     return run.summary(started)
 
 
@@ -61,6 +71,7 @@ def train_on_deployment(run: StepRunner, deployment: str, train: TrainConfig, ev
     if tokens is None or embeddings is None or not run.wanted("train"):
         return None
     from prefect.deployments import run_deployment
+    from prefect.utilities.urls import url_for
 
     run_key = train_step.STEP.key(train, [tokens, embeddings])
     say(f"train: submitting to deployment {deployment} (run key {run_key})")
@@ -72,12 +83,16 @@ def train_on_deployment(run: StepRunner, deployment: str, train: TrainConfig, ev
                     "tokens": tokens.model_dump(mode="json"), "embeddings": embeddings.model_dump(mode="json"),
                     "data_home": run.home, "until": until},
         idempotency_key=f"{current_flow_run.id or 'no-parent'}-train-{run_key}",
+        poll_interval=2,  # the default 5 s adds up to 5 s to every run, cached ones included
     )
-    state = child.state
+    state, ui_url = child.state, url_for(child)
+    say(f"train: flow run {child.name} of {deployment} on work pool {child.work_pool_name} ended "
+        f"{state.name if state else 'unknown'}: {ui_url or child.id}")
     if state is None or not state.is_completed():
         raise PipelineError(f"training deployment {deployment} (flow run {child.name}, pool {child.work_pool_name}) ended "
-                            f"{state.name if state else 'unknown'}: {(state.message if state else None) or 'no message'}")
-    where = {"flow_run": child.name, "work_pool": child.work_pool_name, "deployment": deployment}
+                            f"{state.name if state else 'unknown'}: {(state.message if state else None) or 'no message'}"
+                            f" ({ui_url or child.id})")
+    where = {"flow_run": child.name, "work_pool": child.work_pool_name, "deployment": deployment, "ui_url": ui_url}
     model = run.add("train", state.name, time.perf_counter() - started, _shared(run, deployment, "train", run_key), **where)
     if until == "train":
         return None

@@ -1,23 +1,25 @@
-"""The artifact store: content-keyed directories, published atomically, described by manifest.json.
+"""The artifact store: content-keyed artifacts, published atomically, described by manifest.json.
 
-Layout: <root>/<step>/<key>/{files..., manifest.json}. A directory counts only when its
-manifest is present and every file it lists has the listed size, so a half-written or
-tampered artifact is never trusted. Locally a directory is built in a temporary sibling
-and renamed into place under a file lock; on an object store (s3://, gs:// through
-pyarrow.fs) it is built locally, uploaded, and the manifest is written last.
+An artifact is <root>/<step>/<key>/: the files a step built and manifest.json (step, version,
+params, upstream keys, and per file its bytes and sha256). It counts only when its manifest is
+there and its files match it; a damaged one is moved to <step>/.quarantine/ with a warning and
+its step builds it again. The root is a local directory (storage.localhome: renamed into place
+under a file lock, sha256 checked with stamps) or an object-store URI (storage.objectstore:
+uploaded per attempt, made visible by a create-only manifest, read through a local cache).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import socket
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,17 +29,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict
 
-from storage.errors import PipelineError, UsageError
-from storage.files import Staging, parquet_head, parquet_rows, read_json, sha256_file, write_json
-from storage.home import data_home, is_uri
+from storage.errors import DamagedArtifact, PipelineError, UsageError
+from storage.files import Staging, parquet_head, parquet_rows, read_json, sha256_file
+from storage.home import MANIFEST, data_home, is_uri
+from storage.integrity import Damaged
+from storage.localhome import LocalHome
+from storage.objectstore import ObjectHome
 from storage.schemas import check_schema
 
-MANIFEST = "manifest.json"
+log = logging.getLogger("newsgroups_lstm.progress")  # = tasks.step.PROGRESS_LOGGER: the CLI prints it
+
 LOCK_TIMEOUT_S = 6 * 3600  # a lock is an flock: the kernel frees it when its holder dies
 _TRACKED_LIBRARIES = ("prefect", "keras", "tensorflow", "jax", "torch", "numpy", "pyarrow", "pandas")
 
@@ -77,95 +82,136 @@ def library_versions() -> dict[str, str]:
 
 
 class ArtifactStore:
-    """Artifacts under one root: a local directory or an object-store URI."""
+    """Artifacts under one root: a local directory (storage.localhome) or an object-store URI (storage.objectstore)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = data_home(root)
         self.remote = is_uri(self.root)
-        if self.remote:
-            self.fs, self._base = pafs.FileSystem.from_uri(self.root)
-            # Local mirror of remote artifacts, and where locks live (locks are per host).
-            self.local_root = Path(tempfile.gettempdir()) / "newsgroups-lstm" / hashlib.sha256(self.root.encode()).hexdigest()[:12]
-        else:
-            self.fs, self._base = pafs.LocalFileSystem(), self.root
-            self.local_root = Path(self.root)
+        self.backend = ObjectHome(self.root) if self.remote else LocalHome(self.root)
+        self._manifests: dict[tuple[str, str], dict] = {}  # read once per store: an artifact never changes
 
-    # -- addressing ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail fast, with one line naming the endpoint or path, if the data home cannot be used."""
+        self.backend.check()
+
     def uri(self, step: str, key: str) -> str:
         return f"{self.root}/{step}/{key}"
 
-    def _path(self, step: str, key: str, name: str = "") -> str:
-        return "/".join(p for p in (self._base, step, key, name) if p)
-
-    # -- reading ------------------------------------------------------------------------------
+    # -- finding --------------------------------------------------------------------------------------
     def read_manifest(self, ref_or_step: ArtifactRef | str, key: str | None = None) -> dict | None:
         step, key = (ref_or_step.step, ref_or_step.key) if isinstance(ref_or_step, ArtifactRef) else (ref_or_step, key)
+        data = self.backend.read(f"{step}/{key}/{MANIFEST}")
         try:
-            with self.fs.open_input_stream(self._path(step, key, MANIFEST), compression=None) as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            manifest = json.loads(data) if data is not None else None
+        except ValueError:  # hand-edited: not an artifact this code wrote
             return None
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
     def find(self, step: str, key: str, verify: bool = False) -> ArtifactRef | None:
-        """The artifact if it is complete: manifest present, every listed file of the listed size.
+        """The artifact if it is there and sound, else None. A damaged one is moved to quarantine.
 
-        verify=True also re-hashes every file (sha256) against the manifest.
+        Sound: locally, every listed file has its size and sha256 (hashed when it changed since its last
+        check; verify=True hashes all); on an object store, every listed object has its size (only the
+        manifest is read; contents are hashed as they are downloaded, or with verify=True).
         """
+        return self._find(step, key, verify=verify)
+
+    def _find(self, step: str, key: str, verify: bool = False, locked: bool = False) -> ArtifactRef | None:
         manifest = self.read_manifest(step, key)
         if manifest is None:
             return None
-        files = manifest.get("files", {})
-        infos = self.fs.get_file_info([self._path(step, key, name) for name in files])
-        for (name, meta), info in zip(files.items(), infos):
-            if info.type != pafs.FileType.File or info.size != meta["bytes"]:
-                return None
-        if verify:
-            local = self.local_dir(ArtifactRef(step=step, key=key, uri=self.uri(step, key)))
-            if any(sha256_file(local / name) != meta["sha256"] for name, meta in files.items()):
-                return None
+        try:
+            self.backend.verify(step, key, manifest, full=verify)
+        except Damaged as exc:
+            self._quarantine(step, key, exc, locked=locked)
+            return None
+        self._manifests[(step, key)] = manifest
         return ArtifactRef(step=step, key=key, uri=self.uri(step, key), rows=manifest.get("rows"))
 
-    def local_dir(self, ref: ArtifactRef) -> Path:
-        """A local directory holding the artifact's files (the artifact itself when the store is local)."""
-        if not self.remote:
-            return Path(self._path(ref.step, ref.key))
-        target = self.local_root / ref.step / ref.key
-        if not (target / MANIFEST).exists():
-            staging = Path(tempfile.mkdtemp(prefix=f".tmp-{ref.key}-", dir=_ensure_dir(target.parent)))
-            manifest = self.read_manifest(ref) or {}
-            for name in [*manifest.get("files", {}), MANIFEST]:
-                with self.fs.open_input_stream(self._path(ref.step, ref.key, name), compression=None) as src, \
-                        open(staging / name, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            _rename_into_place(staging, target)
-        return target
+    def _quarantine(self, step: str, key: str, damage: Damaged, locked: bool = False) -> str | None:
+        """Move a damaged artifact aside (under its lock, after re-hashing it: another process may have rebuilt it)."""
+        self._manifests.pop((step, key), None)
+        with contextlib.nullcontext() if locked else self.lock(step, key):
+            manifest = self.read_manifest(step, key)
+            if manifest is None:
+                return None  # another process moved it already
+            try:
+                self.backend.verify(step, key, manifest, full=True)
+                return None  # rebuilt meanwhile
+            except Damaged as exc:
+                damage = exc
+            where = self.backend.quarantine(step, key)
+        log.warning("%s/%s is damaged: %s; moved to %s and will be rebuilt", step, key, damage, where)
+        return where
+
+    def verify(self, target: str | None = None) -> tuple[int, list[tuple[str, str, str]]]:
+        """Re-hash every file of every artifact (or of one step or step/key), ignoring stamps; move the damaged
+        ones to quarantine. Returns (artifacts checked, [(step/key, what is wrong, where it was moved)])."""
+        step, _, prefix = (target or "").strip("/").partition("/")
+        damaged, checked = [], 0
+        for found_step, key in self._keys():
+            if (step and found_step != step) or not key.startswith(prefix):
+                continue
+            manifest = self.read_manifest(found_step, key)
+            if manifest is None:  # not an artifact (no manifest): never read, set aside by the next publish
+                continue
+            checked += 1
+            try:
+                self.backend.verify(found_step, key, manifest, full=True)
+            except Damaged as exc:
+                with self.lock(found_step, key):
+                    where = self.backend.quarantine(found_step, key)
+                damaged.append((f"{found_step}/{key}", str(exc), where))
+        return checked, damaged
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def _manifest(self, ref: ArtifactRef) -> dict:
+        manifest = self._manifests.get((ref.step, ref.key)) or self.read_manifest(ref)
+        if manifest is None:
+            raise PipelineError(f"artifact {ref.uri} is gone (no {MANIFEST}); run the pipeline again to rebuild it")
+        self._manifests[(ref.step, ref.key)] = manifest
+        return manifest
 
     def local_file(self, ref: ArtifactRef, name: str) -> Path:
-        """A local path of one file of the artifact (for readers that need a path: zip, tar, Keras)."""
-        return self.local_dir(ref) / name
+        """A local path of one file of the artifact, checked against its manifest (an object store's file comes
+        from the host's object cache). A damaged file is never returned: its artifact goes to quarantine."""
+        meta = self._manifest(ref)["files"].get(name)
+        if meta is None:
+            raise PipelineError(f"artifact {ref.uri} has no file {name} (it has {', '.join(self._manifest(ref)['files'])})")
+        try:
+            return self.backend.path(ref.step, ref.key, name, meta)
+        except Damaged as exc:
+            self._quarantine(ref.step, ref.key, exc)
+            raise DamagedArtifact(f"{exc}; artifact {ref.step}/{ref.key} was moved to quarantine, "
+                                  "run the pipeline again to rebuild it") from None
+
+    def local_dir(self, ref: ArtifactRef) -> Path:
+        """A local directory holding the artifact's files by name (for readers that want one: predict)."""
+        paths = {name: self.local_file(ref, name) for name in self._manifest(ref)["files"]}
+        return self.backend.directory(ref.step, ref.key, paths)
 
     def only_file(self, ref: ArtifactRef) -> Path:
         """The local path of the one file an artifact holds (a download)."""
-        names = list((self.read_manifest(ref) or {}).get("files", {}))
+        names = list(self._manifest(ref)["files"])
         if len(names) != 1:
             raise PipelineError(f"{ref.uri}: expected exactly one file, found {names}")
         return self.local_file(ref, names[0])
 
     def read_parquet(self, ref: ArtifactRef, name: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
         """Read one Parquet file of an artifact, refusing it if its schema is not `schema`."""
-        path = self._path(ref.step, ref.key, name)
-        check_schema(pq.read_schema(path, filesystem=self.fs), schema, ref.file(name))
-        return pq.read_table(path, filesystem=self.fs, columns=columns)
+        path = self.local_file(ref, name)
+        check_schema(pq.read_schema(path), schema, ref.file(name))
+        return pq.read_table(path, columns=columns)
 
     def iter_batches(self, ref: ArtifactRef, name: str, schema: pa.Schema, columns: list[str] | None = None,
                      batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
         """Record batches of one Parquet file of an artifact (memory: one batch), schema checked first."""
-        parquet = pq.ParquetFile(self._path(ref.step, ref.key, name), filesystem=self.fs)
+        parquet = pq.ParquetFile(self.local_file(ref, name))
         check_schema(parquet.schema_arrow, schema, ref.file(name))
         yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
 
     def parquet_schema(self, ref: ArtifactRef, name: str) -> pa.Schema:
-        return pq.read_schema(self._path(ref.step, ref.key, name), filesystem=self.fs)
+        return pq.read_schema(self.local_file(ref, name))
 
     def parquet_head(self, ref: ArtifactRef, name: str, rows: int) -> tuple[int, pa.Schema, pa.Table | None]:
         return parquet_head(self.local_file(ref, name), rows)
@@ -176,23 +222,19 @@ class ArtifactStore:
     def read_npy(self, ref: ArtifactRef, name: str) -> np.ndarray:
         return np.load(self.local_file(ref, name))
 
+    # -- listing -----------------------------------------------------------------------------------------
+    def _keys(self) -> Iterator[tuple[str, str]]:
+        for step in self.backend.children(""):
+            if not step.startswith("."):
+                yield from ((step, key) for key in self.backend.children(step) if not key.startswith("."))
+
     def list(self) -> list[dict]:
-        """Every complete artifact's manifest (for `inspect`), oldest first."""
-        manifests = []
-        selector = pafs.FileSelector(self._base, recursive=False, allow_not_found=True)
-        for step_info in self.fs.get_file_info(selector):
-            if step_info.type != pafs.FileType.Directory or step_info.base_name.startswith("."):
-                continue
-            sub = pafs.FileSelector(step_info.path, recursive=False)
-            for info in self.fs.get_file_info(sub):
-                if info.type == pafs.FileType.Directory and not info.base_name.startswith("."):
-                    manifest = self.read_manifest(step_info.base_name, info.base_name)
-                    if manifest is not None:
-                        manifests.append(manifest)
+        """Every artifact's manifest (for `inspect`), oldest first."""
+        manifests = [m for step, key in self._keys() if (m := self.read_manifest(step, key)) is not None]
         return sorted(manifests, key=lambda m: m.get("created", ""))
 
     def latest(self, step: str) -> dict | None:
-        """The manifest of the newest complete artifact of `step`, or None."""
+        """The manifest of the newest artifact of `step`, or None."""
         manifests = [m for m in self.list() if m["step"] == step]
         return manifests[-1] if manifests else None
 
@@ -235,32 +277,27 @@ class ArtifactStore:
         yield from walk(step, key, 0)
 
     # -- the URL index: which sha256 an unpinned URL gave (so a cached download needs no network) ----
-    def _url_record(self, url: str) -> str:
-        return "/".join((self._base, ".urls", hashlib.sha256(url.encode()).hexdigest()[:20] + ".json"))
+    @staticmethod
+    def _url_record(url: str) -> str:
+        return f".urls/{hashlib.sha256(url.encode()).hexdigest()[:20]}.json"
 
     def seen_sha256(self, url: str) -> str | None:
         try:
-            with self.fs.open_input_stream(self._url_record(url), compression=None) as f:
-                return json.loads(f.read())["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+            return json.loads(self.backend.read(self._url_record(url)) or b"null")["sha256"]
+        except (ValueError, KeyError, TypeError):
             return None
 
     def record_sha256(self, url: str, sha256: str) -> None:
-        self.fs.create_dir(self._url_record(url).rsplit("/", 1)[0], recursive=True)
-        _put_atomic(self.fs, self._url_record(url), json.dumps({"url": url, "sha256": sha256}).encode())
+        self.backend.write(self._url_record(url), json.dumps({"url": url, "sha256": sha256}).encode())
 
     def forget_url(self, url: str) -> bool:
         """Drop what an unpinned URL was recorded to give, so the next run fetches it again; True if recorded."""
-        try:
-            self.fs.delete_file(self._url_record(url))
-        except (FileNotFoundError, OSError):
-            return False
-        return True
+        return self.backend.delete(self._url_record(url))
 
-    # -- writing ------------------------------------------------------------------------------
+    # -- writing ------------------------------------------------------------------------------------------
     @contextmanager
     def lock(self, step: str, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-        lock_dir = _ensure_dir(self.local_root / ".locks")
+        lock_dir = _ensure_dir(self.backend.scratch / ".locks")
         with FileLock(str(lock_dir / f"{step}-{key}.lock"), timeout=timeout):
             yield
 
@@ -277,15 +314,16 @@ class ArtifactStore:
         """Return the artifact (step, key), building it with build(staging) if it is not there yet.
 
         build writes its files into the Staging directory and may return extra manifest fields
-        (e.g. {"rows": n, "stats": {...}}). The directory appears under its final name only
-        once complete, so concurrent or killed runs never expose half an artifact.
+        (e.g. {"rows": n, "stats": {...}}). The artifact appears only once complete, so concurrent or
+        killed runs never expose half an artifact; on an object store the first of several hosts to
+        publish wins and the others return its artifact.
         """
         if ref := self.find(step, key):
             return ref
         with self.lock(step, key):
-            if ref := self.find(step, key):  # another process finished it while we waited
+            if ref := self._find(step, key, locked=True):  # another process finished it while we waited
                 return ref
-            step_dir = _ensure_dir((self.local_root if self.remote else Path(self.root)) / step)
+            step_dir = _ensure_dir(self.backend.scratch / step)
             for stale in step_dir.glob(f".tmp-{key}-*"):  # leftovers of killed runs; we hold the lock
                 shutil.rmtree(stale, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=step_dir))
@@ -293,15 +331,10 @@ class ArtifactStore:
             try:
                 extra = dict(build(Staging(staging)) or {})
                 manifest = _manifest(step, key, version, params, upstream, staging, started, extra)
-                write_json(staging / MANIFEST, manifest)
-                if self.remote:
-                    self._upload(staging, step, key, manifest)
-                    shutil.rmtree(staging, ignore_errors=True)
-                else:
-                    _rename_into_place(staging, step_dir / key)
-            except BaseException:
+                if not self.backend.commit(step, key, staging, manifest):
+                    log.info("%s/%s: another host published it first; using its artifact", step, key)
+            finally:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise
         ref = self.find(step, key)
         if ref is None:
             raise PipelineError(f"artifact {self.uri(step, key)} vanished right after it was published")
@@ -313,21 +346,15 @@ class ArtifactStore:
         For resumable work before publish: a download's *.part file, training checkpoints.
         Never read as an artifact; delete it with discard_work once the artifact is published.
         """
-        return _ensure_dir((self.local_root if self.remote else Path(self.root)) / step / f".work-{key}")
-
-    def discard_work(self, step: str, key: str) -> None:
-        shutil.rmtree((self.local_root if self.remote else Path(self.root)) / step / f".work-{key}", ignore_errors=True)
+        return _ensure_dir(self.backend.scratch / step / f".work-{key}")
 
     def remove(self, step: str, key: str) -> None:
+        """Delete an artifact (e.g. the shards a step has joined, once that step is published)."""
         with self.lock(step, key):
-            self.fs.delete_dir(self._path(step, key))
+            self.backend.delete_tree(f"{step}/{key}")
 
-    def _upload(self, staging: Path, step: str, key: str, manifest: dict) -> None:
-        self.fs.create_dir(self._path(step, key), recursive=True)
-        for name in [*manifest["files"], MANIFEST]:  # the manifest last: it is what makes the artifact count
-            with open(staging / name, "rb") as src, \
-                    self.fs.open_output_stream(self._path(step, key, name), compression=None) as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+    def discard_work(self, step: str, key: str) -> None:
+        shutil.rmtree(self.backend.scratch / step / f".work-{key}", ignore_errors=True)
 
 
 def _manifest(step, key, version, params, upstream, staging: Path, started: float, extra: dict) -> dict:
@@ -355,28 +382,6 @@ def _manifest(step, key, version, params, upstream, staging: Path, started: floa
     }
 
 
-def _put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a small file so a reader sees the old content or the new, never a part (a rename locally;
-    a single PUT is already atomic on an object store)."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with fs.open_output_stream(tmp, compression=None) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path, compression=None) as f:
-            f.write(data)
-
-
 def _ensure_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _rename_into_place(staging: Path, final: Path) -> None:
-    """Atomically move a complete directory to its final name, setting aside an invalid leftover."""
-    if final.exists():  # an incomplete or tampered artifact (callers checked it is not valid)
-        final.rename(final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}"))
-        for trash in final.parent.glob(f".trash-{final.name}-*"):
-            shutil.rmtree(trash, ignore_errors=True)
-    os.rename(staging, final)

@@ -38,6 +38,14 @@ class SchemaMismatch(PipelineError):
     """A stored artifact does not have the Arrow schema this code expects."""
 
 
+class DamagedArtifact(PipelineError):
+    """A stored file does not match its manifest (size or sha256); the artifact was moved to quarantine."""
+
+
+class StoreUnavailable(PipelineError):
+    """The data home cannot be used: unreachable endpoint, missing bucket, bad credentials, not a directory."""
+
+
 class TrainingDiverged(PipelineError):
     """Training produced a NaN/inf loss."""
 
@@ -58,5 +66,14 @@ class NotAnArchive(DownloadError):
     """An unpinned URL served something other than the archive its name promises (e.g. an HTML page)."""
 
 
-class DownloadInterrupted(PipelineError):
+class Interrupted(PipelineError):
+    """A stop was requested (SIGTERM/SIGINT, storage.http.request_stop): nothing half-done is published,
+    and what is resumable (a partial download, finished training epochs) is kept for the next run."""
+
+
+class DownloadInterrupted(Interrupted):
     """A stop was requested (SIGTERM/SIGINT); the partial file is kept so the next run resumes it."""
+
+
+class WriteError(PipelineError):
+    """Writing a file failed (disk full, permission denied, read-only file system); the message names the path."""

@@ -325,11 +325,17 @@ def disk_error(exc: OSError, path: Path, url: str, dest: Path, action: str = "wr
                          + ("; the partial file was removed to free the space" if full else ""))
 
 
+def disk_margin(total: int) -> int:
+    """Free space a download leaves: DISK_MARGIN_BYTES, at most 2% of the file system (a small disk is not refused)."""
+    return min(DISK_MARGIN_BYTES, total // 50)
+
+
 def check_free_space(directory: Path, needed: int, url: str) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed + DISK_MARGIN_BYTES > free:
+    usage = shutil.disk_usage(directory)
+    margin = disk_margin(usage.total)
+    if needed + margin > usage.free:
         raise DownloadError(f"{url}: not enough free disk space in {directory}: need {needed:,} bytes "
-                            f"(+{DISK_MARGIN_BYTES:,} margin), {free:,} available")
+                            f"(+{margin:,} margin), {usage.free:,} available")
 
 
 def retry_after(value: str | None) -> float | None:

@@ -15,7 +15,7 @@ Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or No
 class Meter:
     def __init__(self, url: str, total: int | None, callback: Progress | None, start: int = 0):
         self.url, self.total, self.callback, self.done_bytes = url, total, callback, start
-        self.tty = sys.stderr.isatty()
+        self.tty = callback is None and sys.stderr.isatty()  # a caller that takes the progress shows it itself
         self.log_lines = total is not None and total >= PROGRESS_LOG_MIN_BYTES
         self.next_decile = (start * 10 // total + 1) if total else 1
         self.name = url.rstrip("/").rsplit("/", 1)[-1]

@@ -1,39 +1,47 @@
-"""Step "corpus": a folder-per-label archive -> documents.parquet (doc_id, group, label, split, text).
+"""Step "corpus": a corpus archive or table -> documents.parquet (doc_id, group, label, split, text), in bounded memory.
 
-Layouts (found from the member paths, so any folder-per-label corpus works):
-- split: `[<top>/]<name>-train/<group>/<file>` next to `<name>-test/<group>/<file>` (20news-bydate);
-  a folder is a split root when its name is or ends in train/test (after -, _ or .).
-- folders: `[<top>/]<group>/<file>` (the 19,997-message news20.tar.gz); the root is the folder
-  holding the most documents two levels down. Such a corpus gets a seeded, stratified
-  train/test split (CorpusConfig.test_fraction, seed).
-Rules: a document is a regular file directly inside a class folder. Everything else (files
-next to the class folders such as README, files in nested folders, hidden names like
-.DS_Store) is ignored and counted in the manifest. A class folder without documents is an
-error (InputFormatError naming it): silently dropping it would shift every label after it.
-Labels are indices into the sorted group names; the label map is in the manifest. Text is
-UTF-8, falling back to latin-1 (which cannot fail) per document, counted. Empty documents are
-kept and counted. Archive members are read straight from the archive, never extracted.
+Inputs (the downloaded source file; its name tells which kind):
+- a folder-per-label archive (tar, tar.gz, zip): layouts and rules in tasks/corpus_layout.py;
+- a table: one Parquet, CSV or JSON Lines file (.parquet, .csv, .jsonl, optionally .gz), one document
+  per row, with a text column and a label column and optionally a split column (names in CorpusConfig).
+Text is UTF-8, falling back to latin-1 (which cannot fail) per document, counted; empty documents are
+kept and counted; CorpusConfig.strip removes headers, footers and quotes like sklearn's remove=.
+At most CorpusConfig.max_document_bytes of each archive member is kept: a longer document is cut
+there, and the manifest lists it (truncated_documents, truncated_examples: doc_id -> full size).
+Member names are percent-escaped by storage.archives.escape_name, so doc_id and group never hold a
+raw control character or an undecodable byte.
+
+One pass over the source: each record's text is decoded, cleaned and appended to a spill file on disk
+(never extracted, never all in memory); what is kept in memory is one small record per document
+(Arrow arrays). The layout then gives the documents' final order, and documents.parquet is written
+row group by row group, each gathered from the spill. Memory stays flat as the corpus grows.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.archives import Member, iter_archive
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import forget_download
-from storage.errors import InputFormatError, PipelineError
-from storage.files import Staging
+from storage.errors import InputFormatError, Interrupted, PipelineError
+from storage.files import Spill, Staging
 from storage.schemas import DOCUMENTS
+from storage.tables import iter_table, table_format
 from tasks.config import CorpusConfig
+from tasks.corpus_layout import Layout, find_layout, ordered_documents, table_layout
 from tasks.step import Step, step_logger
+
+ROW_GROUP_ROWS = 2048  # documents per row group of documents.parquet: the unit later steps shard by
+ROW_GROUP_BYTES = 8 << 20  # ... or fewer, when their texts add up to more (what a step holds per row group)
+_SPILL_ROWS, _SPILL_BYTES = 4096, 4 << 20
+_TEXT = pa.schema([("text", pa.string())])
 
 # -- text cleaning: the semantics of sklearn's fetch_20newsgroups(remove=...) --------------------
 _QUOTE_RE = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
@@ -71,155 +79,169 @@ def clean_text(text: str, strip: Iterable[str]) -> str:
     return text
 
 
-def decode_text(data: bytes) -> tuple[str, bool]:
-    """(text, used_fallback): UTF-8 when valid, else latin-1, which decodes any byte string."""
+def decode_text(data: bytes, cut: bool = False) -> tuple[str, bool]:
+    """(text, used_fallback): UTF-8 when valid, else latin-1, which decodes any byte string.
+
+    `cut`: the bytes are a document's first max_document_bytes, so a character split at the
+    end is dropped rather than making the whole document latin-1."""
     try:
         return data.decode("utf-8"), False
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if cut and exc.reason == "unexpected end of data" and exc.end == len(data):
+            return decode_text(data[: exc.start])
         return data.decode("latin-1"), True
 
 
-# -- layout ----------------------------------------------------------------------------------------
-_SPLIT_RE = re.compile(r"(?:^|[-_.])(train|test)$", re.IGNORECASE)
+# -- one pass over the source: texts to the spill, one small record per member/row in memory --------
+class TextSpill:
+    """Decodes and cleans each record's text and appends it to a spill file; keeps per record only
+    whether it needed the latin-1 fallback, whether it is empty and its size in bytes."""
 
+    def __init__(self, spill: Spill, strip: Iterable[str]):
+        self.spill, self.strip = spill, tuple(strip)
+        self._texts: list[str] = []
+        self._bytes = 0
+        self._fallback: list[bool] = []
+        self._empty: list[bool] = []
+        self._sizes: list[np.ndarray] = []
 
-@dataclass
-class Layout:
-    kind: str  # "split" or "folders"
-    roots: dict[tuple[str, ...], str | None]  # root folder -> split name ("train"/"test") or None
-    groups: list[str]
-    documents: list[tuple[str | None, str, str, tuple[str, ...]]]  # (split, group, file name, member path)
-    ignored: list[str] = field(default_factory=list)
-
-
-def find_layout(paths: Iterable[str], dirs: Iterable[str] = (), archive: str = "archive") -> Layout:
-    """Work out where the class folders are from member paths (files) and directory members."""
-    files, ignored = [], []
-    for p in paths:
-        parts = tuple(p.split("/"))
-        if any(x.startswith(".") for x in parts):
-            ignored.append(p)
+    def add(self, data: bytes | str | None, cut: bool = False) -> None:
+        if isinstance(data, str):
+            text, fell_back = data, False
         else:
-            files.append(parts)
-    dir_parts = [tuple(d.split("/")) for d in dirs if not any(x.startswith(".") for x in d.split("/"))]
-    grandparents = Counter(f[:-2] for f in files if len(f) >= 2)
-    if not grandparents:
-        raise InputFormatError(f"{archive}: no class folders found (expected <group>/<file> members)")
+            text, fell_back = decode_text(data or b"", cut)
+        text = clean_text(text, self.strip)
+        self._texts.append(text)
+        self._fallback.append(fell_back)
+        self._empty.append(not text.strip())
+        self._bytes += len(text)
+        if len(self._texts) >= _SPILL_ROWS or self._bytes >= _SPILL_BYTES:
+            self._flush()
 
-    by_parent: dict[tuple[str, ...], dict[str, tuple[str, ...]]] = {}
-    for gp in grandparents:
-        if gp and (m := _SPLIT_RE.search(gp[-1])):
-            by_parent.setdefault(gp[:-1], {})[m.group(1).lower()] = gp
-    split_parents = [parent for parent, splits in by_parent.items() if set(splits) == {"train", "test"}]
-    if len(split_parents) > 1:
-        raise InputFormatError(f"{archive}: several train/test folder pairs: {sorted('/'.join(p) or '.' for p in split_parents)}")
-    if split_parents:
-        splits = by_parent[split_parents[0]]
-        roots: dict[tuple[str, ...], str | None] = {splits["train"]: "train", splits["test"]: "test"}
-        kind = "split"
-    else:
-        root = sorted(grandparents.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-        roots, kind = {root: None}, "folders"
+    def _flush(self) -> None:
+        if self._texts:
+            texts = pa.array(self._texts, pa.string())
+            self._sizes.append(pc.binary_length(texts).to_numpy().astype(np.int64))
+            self.spill.write(pa.record_batch([texts], schema=_TEXT))
+            self._texts, self._bytes = [], 0
 
-    documents, folders = [], {}
-    for root, split in roots.items():
-        n = len(root)
-        found = {d[n] for d in dir_parts if len(d) > n and d[:n] == root}
-        found |= {f[n] for f in files if len(f) > n + 1 and f[:n] == root}
-        folders[split] = found
-    for f in files:
-        split = roots.get(f[:-2], "-") if len(f) >= 2 else "-"
-        if split == "-":
-            ignored.append("/".join(f))
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(latin-1 fallback, empty, text bytes) per record, in source order."""
+        self._flush()
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int64)
+        return np.array(self._fallback, dtype=bool), np.array(self._empty, dtype=bool), sizes
+
+
+def spill_archive(members: Iterable[Member], texts: TextSpill, archive: str
+                  ) -> tuple[pa.ChunkedArray, list[str], dict[int, int]]:
+    """(file member paths in archive order, directory members, {file ordinal: full size} of the members
+    cut at max_document_bytes); every file's text goes to `texts`."""
+    chunks, names, dirs, cut = [], [], [], {}
+    for member in members:
+        if member.is_dir:
+            dirs.append(member.name)
+            continue
+        if member.full_size is not None:
+            cut[sum(len(c) for c in chunks) + len(names)] = member.full_size
+        names.append(member.name)
+        texts.add(member.data, cut=member.full_size is not None)
+        if len(names) >= 65_536:
+            chunks.append(_names_array(names, archive))
+            names = []
+    chunks.append(_names_array(names, archive))
+    return pa.chunked_array(chunks, pa.string()), dirs, cut
+
+
+def _names_array(names: list[str], archive: str) -> pa.Array:
+    try:
+        return pa.array(names, pa.string())
+    except (UnicodeEncodeError, pa.ArrowInvalid):
+        bad = next(n for n in names if not _is_utf8(n))
+        raise InputFormatError(f"{archive}: member name {bad!r} is not valid UTF-8") from None
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def spill_table(batches: Iterable[pa.RecordBatch], cfg: CorpusConfig, texts: TextSpill
+                ) -> tuple[pa.ChunkedArray, pa.ChunkedArray | None]:
+    """(label column, split column or None) of a table read batch by batch; every row's text goes to `texts`."""
+    labels, splits = [], []
+    for batch in batches:
+        for text in batch.column(cfg.text_column).to_pylist():
+            texts.add(text)
+        labels.append(batch.column(cfg.label_column))
+        if cfg.split_column:
+            splits.append(batch.column(cfg.split_column))
+    return (pa.chunked_array(labels, pa.string()),
+            pa.chunked_array(splits, pa.string()) if cfg.split_column else None)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def row_groups(sizes: np.ndarray, rows: int, max_bytes: int) -> Iterator[slice]:
+    """Consecutive slices of documents: `rows` each, fewer where their texts add up to more than max_bytes."""
+    ends = np.cumsum(sizes)
+    start = 0
+    while start < len(sizes):
+        before = ends[start - 1] if start else 0
+        stop = min(start + rows, int(np.searchsorted(ends, before + max_bytes, side="right")), len(sizes))
+        stop = max(stop, start + 1)
+        yield slice(start, stop)
+        start = stop
+
+
+def build_documents(source: Path, cfg: CorpusConfig, out: Staging) -> dict:
+    """Write documents.parquet for the archive or table at `source` into `out`; return the manifest's stats."""
+    with out.spill(_TEXT) as spill:
+        texts, cut = TextSpill(spill, cfg.strip), {}
+        if table_format(source.name):
+            columns = [cfg.text_column, cfg.label_column, *([cfg.split_column] if cfg.split_column else [])]
+            labels, splits = spill_table(iter_table(source, columns, binary=[cfg.text_column]), cfg, texts)
+            layout: Layout = table_layout(labels, splits, str(source))
         else:
-            documents.append((split, f[-2], f[-1], f))
-
-    counts = Counter((split, group) for split, group, _, _ in documents)
-    for root, split in roots.items():
-        for group in sorted(folders[split]):
-            if counts[(split, group)] == 0:
-                raise InputFormatError(f"{archive}: class folder {'/'.join((*root, group))!r} holds no documents "
-                                       "(documents must be files directly inside their class folder)")
-    if kind == "split" and folders["train"] != folders["test"]:
-        raise InputFormatError(f"{archive}: train and test have different class folders: only in train "
-                               f"{sorted(folders['train'] - folders['test'])}, only in test "
-                               f"{sorted(folders['test'] - folders['train'])}")
-    groups = sorted(set().union(*folders.values()))
-    if len(groups) < 2:
-        raise InputFormatError(f"{archive}: found {len(groups)} class folder(s) {groups}; a classifier needs at least 2")
-    return Layout(kind, roots, groups, documents, sorted(ignored))
-
-
-def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask: round(n * test_fraction) of each label's rows, chosen by a seeded permutation.
-
-    Rows must already be in a deterministic order; the result depends only on that order and seed.
-    """
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        n_test = int(round(len(idx) * test_fraction))
-        if len(idx) >= 2:
-            n_test = min(max(n_test, 1), len(idx) - 1)  # both splits see every class
-        mask[idx[rng.permutation(len(idx))[:n_test]]] = True
-    return mask
+            members = iter_archive(source, cfg.max_extracted_bytes, max_member_bytes=cfg.max_document_bytes)
+            paths, dirs, cut = spill_archive(members, texts, str(source))
+            layout = find_layout(paths, dirs, str(source))
+        fallback, empty, sizes = texts.finish()
+        docs = ordered_documents(layout, cfg.test_fraction, cfg.seed)
+        ordinal = docs["ordinal"].to_numpy()
+        with out.parquet_writer("documents.parquet", DOCUMENTS) as writer:
+            for part in row_groups(sizes[ordinal], ROW_GROUP_ROWS, ROW_GROUP_BYTES):
+                rows = docs.slice(part.start, part.stop - part.start)
+                table = pa.table([rows["doc_id"], rows["group"], rows["label"], rows["split"],
+                                  spill.take(ordinal[part])["text"]], schema=DOCUMENTS)
+                writer.write_table(table, row_group_size=table.num_rows)
+    truncated = {doc_id: cut[i] for doc_id, i in zip(docs["doc_id"].to_pylist(), ordinal.tolist(), strict=True) if i in cut}
+    return {**corpus_stats(layout, docs, cfg, int(fallback[ordinal].sum()), int(empty[ordinal].sum())),
+            "max_document_bytes": cfg.max_document_bytes, "truncated_documents": len(truncated),
+            "truncated_examples": dict(sorted(truncated.items())[:100])}  # doc_id -> its full size in bytes
 
 
-def build_documents(members: Iterable[Member], cfg: CorpusConfig, archive: str = "archive") -> tuple[pa.Table, dict]:
-    """Archive members -> (documents table in DOCUMENTS schema, stats for the manifest)."""
-    data: dict[str, bytes] = {}
-    dirs = []
-    for m in members:
-        if m.is_dir:
-            dirs.append(m.name)
-        else:
-            data[m.name] = m.data or b""
-    layout = find_layout(data, dirs, archive)
-    label_of = {g: i for i, g in enumerate(layout.groups)}
-    docs = sorted(layout.documents, key=lambda d: (d[0] or "", d[1], d[2]))
-
-    texts, fallbacks, empty = [], 0, 0
-    for _, _, _, path in docs:
-        text, fell_back = decode_text(data["/".join(path)])
-        fallbacks += fell_back
-        text = clean_text(text, cfg.strip)
-        empty += not text.strip()
-        texts.append(text)
-    labels = np.array([label_of[group] for _, group, _, _ in docs], dtype=np.int16)
-    if layout.kind == "split":
-        splits = [split for split, _, _, _ in docs]
-    else:
-        mask = stratified_test_mask(labels, cfg.test_fraction, cfg.seed)
-        splits = np.where(mask, "test", "train").tolist()
-    doc_ids = [f"{split}/{group}/{name}" for split, (_, group, name, _) in zip(splits, docs)]
-
-    table = pa.table(
-        {
-            "doc_id": pa.array(doc_ids, pa.string()),
-            "group": pa.array([group for _, group, _, _ in docs], pa.string()),
-            "label": pa.array(labels, pa.int16()),
-            "split": pa.array(splits, pa.string()),
-            "text": pa.array(texts, pa.string()),
-        },
-        schema=DOCUMENTS,
-    ).sort_by([("split", "ascending"), ("label", "ascending"), ("doc_id", "ascending")])
-    per_split = Counter(splits)
-    per_group = Counter((group, split) for (_, group, _, _), split in zip(docs, splits))
-    stats = {
+def corpus_stats(layout: Layout, docs: pa.Table, cfg: CorpusConfig, fallbacks: int, empty: int) -> dict:
+    counts = pc.value_counts(pc.binary_join_element_wise(docs["group"], docs["split"], "\x00"))
+    per_pair = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    per_group = {g: {s: per_pair.get(f"{g}\x00{s}", 0) for s in ("train", "test")} for g in layout.groups}
+    drawn = layout.documents["split"].null_count > 0
+    return {
+        "rows": docs.num_rows,
         "layout": layout.kind,
         "groups": layout.groups,
-        "label_map": label_of,
-        "split_source": "archive" if layout.kind == "split" else f"stratified(test_fraction={cfg.test_fraction}, seed={cfg.seed})",
-        "documents": {s: per_split[s] for s in ("train", "test")},
-        "per_group": {g: {s: per_group[(g, s)] for s in ("train", "test")} for g in layout.groups},
+        "label_map": {g: i for i, g in enumerate(layout.groups)},
+        "split_source": f"stratified(test_fraction={cfg.test_fraction}, seed={cfg.seed})" if drawn
+        else ("table" if layout.kind == "table" else "archive"),
+        "documents": {s: sum(per_group[g][s] for g in layout.groups) for s in ("train", "test")},
+        "per_group": per_group,
         "latin1_fallbacks": fallbacks,
         "empty_documents": empty,
-        "ignored_files": len(layout.ignored),
-        "ignored_examples": layout.ignored[:20],
+        "ignored_files": layout.ignored,
+        "ignored_examples": layout.ignored_examples,
         "strip": list(cfg.strip),
     }
-    return table, stats
 
 
 # -- step ------------------------------------------------------------------------------------------
@@ -228,17 +250,23 @@ STEP = Step("corpus", version=1)
 
 @STEP.task
 def corpus(cfg: CorpusConfig, archive: ArtifactRef, data_home: str | None = None) -> ArtifactRef:
-    """Read the downloaded corpus archive and publish documents.parquet."""
+    """Read the downloaded corpus archive or table and publish documents.parquet."""
     def build(store: ArtifactStore, out: Staging) -> dict:
         path = store.only_file(archive)
         try:
-            table, stats = build_documents(iter_archive(path, cfg.max_extracted_bytes), cfg, archive=str(path))
+            stats = build_documents(path, cfg, out)
+        except Interrupted:  # a stop request says nothing about the archive
+            raise
         except PipelineError:
             forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
             raise
-        rows = out.write_parquet("documents.parquet", table, DOCUMENTS)
-        step_logger().info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{rows:,}",
-                           stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])
-        return {"rows": rows, **stats}
+        log = step_logger()
+        log.info("corpus %s: %s documents (%s), %d latin-1, %d empty, %d ignored files", path.name, f"{stats['rows']:,}",
+                 stats["documents"], stats["latin1_fallbacks"], stats["empty_documents"], stats["ignored_files"])
+        if stats["truncated_documents"]:
+            log.warning("corpus %s: %d document(s) over corpus.max_document_bytes=%s were cut to that size: %s", path.name,
+                        stats["truncated_documents"], f"{cfg.max_document_bytes:,}",
+                        ", ".join(f"{d} ({n:,} bytes)" for d, n in list(stats["truncated_examples"].items())[:5]))
+        return stats
 
     return STEP.run(data_home, cfg, [archive], build)

@@ -14,7 +14,9 @@ import hashlib
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import Fetched, fetch
 from storage.files import Staging
+from storage.tables import table_format
 from tasks.config import Source
+from tasks.progress import Reporter
 from tasks.step import Step, step_logger
 
 STEP = Step("download", version=1)
@@ -40,8 +42,11 @@ def download(source: Source, data_home: str | None = None) -> ArtifactRef:
         if cached := STEP.cached(store, download_key(source, store)):
             return cached
         step_logger().info("downloading %s", source.url)
-        got: Fetched = fetch([source.url, *source.mirrors], work / source.name, sha256=source.sha256, size=source.size,
-                             require_archive=True)  # an unpinned URL is recorded only for a real archive
+        with Reporter(f"download-{source.name}", "B") as reporter:
+            got: Fetched = fetch([source.url, *source.mirrors], work / source.name, sha256=source.sha256,
+                                 size=source.size, progress=lambda done, total: reporter.update(done, total),
+                                 # an unpinned URL is recorded only for a real archive (a table has no magic bytes)
+                                 require_archive=table_format(source.name) is None)
         step_logger().info("downloaded %s: %s bytes, sha256 %s", got.url, f"{got.size:,}", got.sha256)
 
         def build(staging: Staging) -> dict:

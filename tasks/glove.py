@@ -1,6 +1,6 @@
 """Step "glove": one glove.6B.<dim>d.txt member, read straight from the zip -> vectors.parquet.
 
-The text is parsed by Arrow's multithreaded CSV reader (space-delimited, no quoting, no null
+The text is parsed by Arrow's streaming CSV reader, block by block (space-delimited, no quoting, no null
 markers: GloVe has the words "null", "nan" and "n/a"), not by a Python loop. Every line must
 be a word plus exactly `dim` finite floats; anything else is an InputFormatError naming the
 member and the 1-based line (found by a slow re-scan, only once parsing has failed).
@@ -24,13 +24,13 @@ import pyarrow.csv as pacsv
 from storage.archives import open_zip, open_zip_member
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.download import forget_download
-from storage.errors import InputFormatError, PipelineError
+from storage.errors import InputFormatError, Interrupted, PipelineError
 from storage.files import Staging
 from storage.schemas import vectors_schema
 from tasks.config import GloveConfig
 from tasks.step import Step, step_logger
 
-_BLOCK_BYTES = 32 << 20  # fewer, larger blocks parse faster on this data (measured)
+_BLOCK_BYTES = 8 << 20  # read block by block: 32 MiB blocks parsed no faster and held 120 MiB more (measured)
 
 
 def glove_member(dim: int) -> str:
@@ -51,8 +51,9 @@ def parse_vectors(stream: IO[bytes], dim: int, source: str = "vectors",
         bad_rows.append(row)
         return "error"
 
+    word_chunks, parts = [], []
     try:
-        table = pacsv.read_csv(
+        reader = pacsv.open_csv(  # block by block: each block's floats go into a matrix part and the block is freed
             stream,
             read_options=pacsv.ReadOptions(column_names=names, block_size=_BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(delimiter=" ", quote_char=False, escape_char=False,
@@ -61,6 +62,9 @@ def parse_vectors(stream: IO[bytes], dim: int, source: str = "vectors",
                                                  null_values=[], strings_can_be_null=False,
                                                  quoted_strings_can_be_null=False, check_utf8=True),
         )
+        for batch in reader:
+            word_chunks.append(batch.column(0))
+            parts.append(np.column_stack([batch.column(i).to_numpy() for i in range(1, dim + 1)]).astype(np.float32, copy=False))
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         if bad_rows and bad_rows[0].number is not None:
             row = bad_rows[0]
@@ -69,32 +73,41 @@ def parse_vectors(stream: IO[bytes], dim: int, source: str = "vectors",
         fresh = reopen() if reopen else _rewound(stream)
         with fresh:
             raise _locate_error(fresh, dim, source) or InputFormatError(f"{source}: unparsable ({exc})") from None
-    if table.num_rows == 0:
+    if not parts or sum(len(p) for p in parts) == 0:
         raise InputFormatError(f"{source}: no vectors (empty file)")
-
-    matrix = np.column_stack([table.column(n).to_numpy() for n in names[1:]]).astype(np.float32, copy=False)
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        line = int(np.argmin(finite)) + 1
-        bad = matrix[line - 1][~np.isfinite(matrix[line - 1])][0]
-        raise InputFormatError(f"{source}, line {line}: value {bad} is not finite (word {table.column('word')[line - 1].as_py()!r})")
-
-    words = table.column("word").combine_chunks()
-    duplicates = table.num_rows - pc.count_distinct(words).as_py()
-    duplicate_examples: list[str] = []
-    if duplicates:
-        first = (pa.table({"word": words, "row": pa.array(np.arange(len(words)))})
-                 .group_by("word", use_threads=False).aggregate([("row", "min")]))
-        keep = np.sort(first.column("row_min").to_numpy())
-        dropped = np.setdiff1d(np.arange(len(words)), keep)
-        duplicate_examples = words.take(pa.array(dropped[:10])).to_pylist()
-        words, matrix = words.take(pa.array(keep)), matrix[keep]
-
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), dim)
+    words = pa.chunked_array(word_chunks, pa.string()).combine_chunks()
+    lines = len(words)
+    start = 0
+    for part in parts:  # the first non-finite value, by line
+        finite = np.isfinite(part).all(axis=1)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            bad = part[row][~np.isfinite(part[row])][0]
+            raise InputFormatError(f"{source}, line {start + row + 1}: value {bad} is not finite "
+                                   f"(word {words[start + row].as_py()!r})")
+        start += len(part)
+    # One vector chunk per block, on the blocks' own buffers: the floats are never copied into one matrix.
+    vectors = pa.chunked_array(
+        [pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1), pa.float32()), dim) for p in parts],
+        pa.list_(pa.float32(), dim))
     out = pa.Table.from_arrays([words, vectors], schema=vectors_schema(dim))
-    stats = {"dim": dim, "lines": table.num_rows, "words": out.num_rows, "duplicate_words": duplicates,
+    del parts, vectors
+
+    out, duplicate_examples = _first_of_each_word(out, words)
+    stats = {"dim": dim, "lines": lines, "words": out.num_rows, "duplicate_words": lines - out.num_rows,
              "duplicate_examples": duplicate_examples}
     return out, stats
+
+
+def _first_of_each_word(table: pa.Table, words: pa.Array) -> tuple[pa.Table, list[str]]:
+    """The table keeping only the first line of a repeated word, and up to 10 of the dropped words."""
+    if pc.count_distinct(words).as_py() == len(words):
+        return table, []
+    first = (pa.table({"word": words, "row": pa.array(np.arange(len(words)))})
+             .group_by("word", use_threads=False).aggregate([("row", "min")]))
+    keep = np.sort(first.column("row_min").to_numpy())
+    dropped = np.setdiff1d(np.arange(len(words)), keep)
+    return table.take(pa.array(keep)), words.take(pa.array(dropped[:10])).to_pylist()
 
 
 def _rewound(stream: IO[bytes]) -> IO[bytes]:
@@ -148,6 +161,8 @@ def glove(cfg: GloveConfig, archive: ArtifactRef, data_home: str | None = None) 
     def build(store: ArtifactStore, out: Staging) -> dict:
         try:
             table, stats = read_glove_zip(store.only_file(archive), cfg.dim)
+        except Interrupted:  # a stop request says nothing about the archive
+            raise
         except PipelineError:
             forget_download(archive, data_home)  # an unpinned URL that served an unusable archive is fetched again
             raise

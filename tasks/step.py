@@ -31,9 +31,8 @@ from pydantic import BaseModel
 
 from storage.artifacts import ArtifactRef, ArtifactStore, artifact_key
 from storage.errors import TransientError
-from storage.files import Staging
-
-PROGRESS_LOGGER = "newsgroups_lstm.progress"  # the CLI prints this logger's records as progress lines
+from storage.files import Staging, is_write_error, write_error
+from tasks.progress import PROGRESS_LOGGER  # the CLI prints this logger's records as progress lines and bars
 
 Build = Callable[[ArtifactStore, Staging], Mapping[str, Any] | None]
 
@@ -60,8 +59,13 @@ class Step:
         key = self.key(params, upstream)
         if cached := self.cached(store, key):
             return cached
-        return store.publish(self.name, key, lambda staging: build(store, staging), version=self.version,
-                             params=_params(params), upstream=upstream)
+        try:
+            return store.publish(self.name, key, lambda staging: build(store, staging), version=self.version,
+                                 params=_params(params), upstream=upstream)
+        except OSError as exc:  # a write outside Staging's own (Keras, matplotlib, the manifest): name the artifact
+            if not is_write_error(exc):
+                raise
+            raise write_error(exc, store.uri(self.name, key), "write the artifact") from exc
 
     def task(self, fn: Callable | None = None, *, retries: int = 2, retry_delay_seconds: list[float] | None = None,
              **options: Any) -> Callable:

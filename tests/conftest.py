@@ -6,6 +6,7 @@ import tempfile
 _SESSION_DIR = tempfile.mkdtemp(prefix="newsgroups-lstm-tests-")
 os.environ["PREFECT_HOME"] = os.path.join(_SESSION_DIR, "prefect")
 os.environ["NEWSGROUPS_LSTM_HOME"] = os.path.join(_SESSION_DIR, "data-home-unused")
+os.environ["NEWSGROUPS_LSTM_CACHE_DIR"] = os.path.join(_SESSION_DIR, "object-cache")  # never the user's cache
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -8,8 +8,10 @@ pipeline's.
     layers.py          the custom Keras layers (registered: saved models load with keras.saving.load_model)
     model.py           build_model, compile_model, load_model, predict_proba
     expert_product.py  numpy only: the product of experts' probabilities and the fit of its expert weights
-    batches.py         padding, length buckets, the PyDataset
-    training.py        fit_classifier and its callbacks
+    batches.py         padding, length buckets, Rows (documents a piece at a time), the PyDatasets
+    device_batches.py  DeviceBatches: batches uploaded once to the accelerator (torch, jax), where they fit
+    training.py        fit_classifier (and refit.py: the second training on every document)
+    callbacks.py       the training loop's Keras callbacks
     errors.py          ModelError and its subclasses
 
 Importing this package imports no Keras: the names below are loaded from their module on first use
@@ -19,6 +21,7 @@ Importing this package imports no Keras: the names below are loaded from their m
 from __future__ import annotations
 
 import importlib
+import sys
 
 _EXPORTS = {
     "fit_classifier": "training",
@@ -43,6 +46,8 @@ _EXPORTS = {
     "inverse_document_frequency": "layers",
     "term_counts": "layers",
     "BucketedBatches": "batches",
+    "Rows": "batches",
+    "StreamedBatches": "batches",
     "bucket_batches": "batches",
     "length_multiple": "batches",
     "pad_batch": "batches",
@@ -53,6 +58,7 @@ _EXPORTS = {
     "ModelInputError": "errors",
     "OutOfDeviceMemory": "errors",
     "TrainingDiverged": "errors",
+    "TrainingInterrupted": "errors",
 }
 __all__ = tuple(sorted(_EXPORTS))
 
@@ -60,7 +66,14 @@ __all__ = tuple(sorted(_EXPORTS))
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    module = f"{__name__}.{_EXPORTS[name]}"
+    if "keras" in sys.modules or module.endswith((".expert_product", ".errors")):
+        value = getattr(importlib.import_module(module), name)
+    else:  # the first Keras import loads TensorFlow, whose C++ start-up log ignores TF_CPP_MIN_LOG_LEVEL
+        from tasks.model.native_log import native_stderr_filtered
+
+        with native_stderr_filtered():
+            value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
+
+from tasks.model.errors import ModelInputError
 
 
 def pad_batch(sequences: Sequence[np.ndarray], max_length: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -85,3 +87,100 @@ class BucketedBatches(keras.utils.PyDataset):
     def order(self) -> np.ndarray:
         """Row of `sequences` behind each output row, batch after batch."""
         return np.concatenate(self.batches) if self.batches else np.zeros(0, dtype=np.int64)
+
+
+# -- documents as chunks of rows (e.g. Parquet row groups), never all in memory ---------------------------
+Chunk = tuple[np.ndarray, list[np.ndarray], np.ndarray]  # (row numbers, sequences, labels) of some rows
+
+
+class Rows:
+    """Documents 0..n-1 in `chunks` pieces: load(k) -> the k-th piece's (row numbers, sequences, labels).
+
+    Only the labels of all rows are in memory (4 bytes a document), and `posted` if given (8 bytes: a key that
+    grows with posting time, for the "latest" validation slice; None: the row order); sequences are loaded a
+    piece at a time.
+    """
+
+    def __init__(self, load: Callable[[int], Chunk], chunks: int, labels: np.ndarray, posted: np.ndarray | None = None):
+        self.load, self.chunks, self.labels = load, chunks, np.asarray(labels, dtype=np.int32)
+        self.posted = None if posted is None else np.asarray(posted, dtype=np.int64)
+
+    @classmethod
+    def in_memory(cls, sequences: Sequence[np.ndarray], labels: np.ndarray, chunk_rows: int = 2048,
+                  posted: np.ndarray | None = None) -> Rows:
+        sequences, labels = list(sequences), np.asarray(labels, dtype=np.int32)
+        if len(labels) != len(sequences):
+            raise ModelInputError(f"{len(sequences)} sequences but {len(labels)} labels")
+
+        def load(k: int) -> Chunk:
+            rows = np.arange(k * chunk_rows, min((k + 1) * chunk_rows, len(sequences)))
+            return rows, sequences[rows[0]:rows[-1] + 1] if len(rows) else [], labels[rows]
+
+        return cls(load, -(-len(sequences) // chunk_rows), labels, posted)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, keep: np.ndarray, order: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """(row numbers, sequences) of the rows where keep[row], piece by piece (in `order` of pieces)."""
+        for k in range(self.chunks) if order is None else order:
+            rows, sequences, _ = self.load(int(k))
+            mask = keep[rows]
+            if mask.any():
+                yield rows[mask], [s for s, m in zip(sequences, mask, strict=True) if m]
+
+
+class StreamedBatches(keras.utils.PyDataset):
+    """Training batches of the rows of `rows` where keep[row], streamed piece by piece.
+
+    An epoch reads the pieces in a seeded order, `window` pieces at a time: their rows are shuffled, sorted
+    by length within pools of `pool` batches and cut into batches, whose order is shuffled (rows left over
+    from a window's last, short batch go on to the next window). Memory: one window, whatever the number
+    of documents. The pieces of a label-sorted file hold few labels each, so a window draws its pieces from
+    all over the file. Batches per epoch: ceil(rows kept / batch_size), the same every epoch; the batches of
+    epoch e are a function of (seed, e). Keras reads them in order (fit(..., shuffle=False)); an index out
+    of order (Keras peeks at the first two for their shapes) restarts the epoch's stream.
+    """
+
+    def __init__(self, rows: Rows, keep: np.ndarray, *, batch_size: int, max_length: int, seed: int, multiple: int = 1,
+                 targets: int = 1, window: int = 32, pool: int = 50):
+        super().__init__()
+        self.rows, self.keep, self.batch_size, self.max_length = rows, keep, batch_size, max_length
+        self.seed, self.multiple, self.targets, self.window, self.pool = seed, multiple, targets, window, pool
+        self.size = int(keep.sum())
+        self.epoch, self._stream, self._next = 0, None, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._stream = epoch, None
+
+    def __len__(self):
+        return -(-self.size // self.batch_size)
+
+    def __getitem__(self, index):
+        if self._stream is None or index != self._next:
+            self._stream, self._next = self._batches(), 0
+            for _ in range(index):
+                next(self._stream)
+        self._next = index + 1
+        return next(self._stream)
+
+    def _batches(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.rows.chunks)
+        carry: tuple[list, list] = ([], [])
+        for start in range(0, len(order), self.window):
+            sequences, labels = list(carry[0]), list(carry[1])
+            for rows, seqs in self.rows.select(self.keep, order[start:start + self.window]):
+                sequences += seqs
+                labels += self.rows.labels[rows].tolist()
+            last = start + self.window >= len(order)
+            cut = len(sequences) if last else len(sequences) - len(sequences) % self.batch_size
+            lengths = np.array([min(len(s), self.max_length) for s in sequences[:cut]], dtype=np.int64)
+            window_labels = np.asarray(labels[:cut], dtype=np.int32)
+            for batch in bucket_batches(lengths, self.batch_size, rng, self.pool):
+                yield self._pad([sequences[i] for i in batch], window_labels[batch])
+            carry = (sequences[cut:], labels[cut:])
+
+    def _pad(self, sequences: list[np.ndarray], labels: np.ndarray):
+        ids, lengths = pad_batch(sequences, self.max_length, self.multiple)
+        return {"ids": ids, "lengths": lengths}, np.repeat(labels[:, None], self.targets, axis=1)

@@ -19,3 +19,7 @@ class TrainingDiverged(ModelError, ArithmeticError):
 
 class OutOfDeviceMemory(ModelError, MemoryError):
     """The device ran out of memory during training (the message names the batch size to lower)."""
+
+
+class TrainingInterrupted(ModelError):
+    """`should_stop()` asked training to stop (a SIGTERM): raised between two batches; finished epochs stay checkpointed."""

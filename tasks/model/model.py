@@ -29,21 +29,18 @@ if TYPE_CHECKING:  # any object with TrainConfig's attributes works (the GPU ben
     from tasks.config import TrainConfig
 
 
-def check_inputs(matrix: np.ndarray, sequences: Sequence[np.ndarray], labels: np.ndarray, n_classes: int) -> None:
-    """Fail before building anything when the matrix, ids and labels do not fit together."""
+def check_inputs(matrix: np.ndarray, id_range: tuple[int, int], labels: np.ndarray, n_classes: int) -> None:
+    """Fail before building anything when the matrix, ids (their lowest and highest) and labels do not fit together."""
     if matrix.ndim != 2 or matrix.shape[0] < 2 or matrix.shape[1] < 1:
         raise ModelInputError(f"embedding matrix has shape {matrix.shape}; expected (vocabulary + 1, dim)")
     if not np.all(np.isfinite(matrix)):
         raise ModelInputError("embedding matrix holds NaN or inf values")
-    top = max((int(s.max()) for s in sequences if len(s)), default=0)
-    low = min((int(s.min()) for s in sequences if len(s)), default=0)
+    low, top = id_range
     if top >= matrix.shape[0] or low < 0:
         raise ModelInputError(
             f"sequences use token ids {low}..{top} but the embedding matrix has {matrix.shape[0]} rows "
             "(tokens and embeddings artifacts do not belong together)"
         )
-    if len(labels) != len(sequences):
-        raise ModelInputError(f"{len(sequences)} sequences but {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ModelInputError(f"labels span {labels.min()}..{labels.max()}, expected 0..{n_classes - 1}")
 

@@ -1,12 +1,14 @@
 """fit_classifier: the resumable training loop, one Keras callback per job.
 
-The callbacks, in the order Keras calls them:
+The callbacks (tasks/model/callbacks.py), in the order Keras calls them:
+  StopWhenAsked           after every batch: raises TrainingInterrupted once `should_stop()` is true
   reshuffle               keras LambdaCallback: the epoch's length buckets, a function of (seed, epoch)
   EmbeddingWarmup         opens the GloVe gate after `unfreeze_embeddings_after` epochs
   ExpertWeightsFit        fits the expert weights on the validation slice; adds val_* to the epoch's logs
   DivergenceGuard         a NaN/inf loss or validation loss of the epoch raises TrainingDiverged
   ResumableEarlyStopping  keras EarlyStopping on the product's val_loss, carried across a resume
   EpochCheckpoint         the epoch's history row; ckpt-<epoch>/ with the training state and the best weights
+  BatchProgress           after every batch: the caller's progress callable (epoch, batch, running loss)
 Validation runs in ExpertWeightsFit, not through fit's validation_data: it needs each expert's
 probabilities, and the product of experts' log-loss (not the training loss) drives early stopping.
 """
@@ -14,182 +16,33 @@ probabilities, and the product of experts' log-loss (not the training loss) driv
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-from keras import ops
 
-from tasks.model.batches import BucketedBatches, length_multiple
-from tasks.model.device_batches import batches_for
-from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged
-from tasks.model.expert_product import fit_expert_weights, product_probabilities
-from tasks.model.layers import PACKAGE, inverse_document_frequency
-from tasks.model.model import build_model, check_inputs, compile_model, expert_names, predict_batches, prediction_batches
+from tasks.model.batches import Rows, StreamedBatches, length_multiple
+from tasks.model.callbacks import (  # noqa: F401 - callbacks re-exported: tests and refit reach them here
+    BatchProgress,
+    DivergenceGuard,
+    EmbeddingWarmup,
+    EpochCheckpoint,
+    ExpertWeightsFit,
+    ResumableEarlyStopping,
+    StopWhenAsked,
+    best_row,
+    restore_checkpoint,
+)
+from tasks.model.device_batches import DeviceBatches, training_batches, validation_batches
+from tasks.model.errors import OutOfDeviceMemory, TrainingDiverged  # noqa: F401 - re-exported
+from tasks.model.layers import PACKAGE
+from tasks.model.model import build_model, check_inputs, compile_model, expert_names
 
 if TYPE_CHECKING:  # any object with TrainConfig's attributes works (the GPU benchmark runs without pydantic)
     from tasks.config import TrainConfig
 
-
-
-def _finite(value) -> bool:
-    return value is None or math.isfinite(float(value))
-
-
-def best_row(history: Sequence[dict]) -> dict | None:
-    """The history row of the epoch with the lowest validation loss (the first of equals)."""
-    return min(history, key=lambda h: h["val_loss"]) if history else None
-
-
-# -- callbacks --------------------------------------------------------------------------------------------
-class EmbeddingWarmup(keras.callbacks.Callback):
-    """Keeps the GloVe vectors frozen for the first `after` epochs, then trains them (None: frozen throughout)."""
-
-    def __init__(self, after: int | None):
-        super().__init__()
-        self.after = after
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.after is not None:
-            self.model.get_layer("glove").unfrozen.assign(1.0 if epoch >= self.after else 0.0)
-
-
-class ExpertWeightsFit(keras.callbacks.Callback):
-    """After each epoch: the experts' probabilities on the validation slice fit the product's expert weights.
-
-    Sets them in the classifier and adds to the epoch's logs, for the callbacks after this one:
-    val_loss and val_accuracy (of the product of experts), expert_weights, expert_val_accuracy.
-    The validation batches are built once (tasks.model.prediction_batches: on the device where it can).
-    """
-
-    def __init__(self, classifier: keras.Model, batches: BucketedBatches, labels: np.ndarray):
-        super().__init__()
-        self.classifier, self.batches, self.labels = classifier, batches, labels
-
-    def on_epoch_end(self, epoch, logs=None):
-        expert_probs = predict_batches(self.model, self.batches)
-        if not np.all(np.isfinite(expert_probs)):  # diverged: DivergenceGuard stops the training
-            logs.update(val_loss=math.nan, val_accuracy=math.nan, expert_weights=[], expert_val_accuracy=[])
-            return
-        weights, val_loss = fit_expert_weights(expert_probs, self.labels)
-        if len(weights) > 1:
-            self.classifier.get_layer("expert_product").expert_weights.assign(weights)
-
-        def accuracy(probs):
-            return float((probs.argmax(1) == self.labels).mean())
-
-        logs.update(
-            val_loss=val_loss,
-            val_accuracy=accuracy(product_probabilities(expert_probs, weights)),
-            expert_weights=[round(float(w), 3) for w in weights],
-            expert_val_accuracy=[round(accuracy(expert_probs[:, e]), 4) for e in range(expert_probs.shape[1])],
-        )
-
-
-class DivergenceGuard(keras.callbacks.Callback):
-    """After every epoch: a NaN/inf training loss (the epoch's mean: one bad batch makes it NaN) or validation
-    loss (non-finite predictions) raises TrainingDiverged with what to do about it.
-
-    Only per epoch, like the validation: a per-batch check (keras' TerminateOnNaN) would make every step wait
-    for the device to hand its loss to the host. It runs before EpochCheckpoint, so a diverged epoch leaves no
-    checkpoint and no best weights.
-    """
-
-    def __init__(self, learning_rate: float, checkpoints):
-        super().__init__()
-        self.learning_rate, self.checkpoints = learning_rate, checkpoints
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        if not (_finite(logs.get("loss")) and _finite(logs.get("val_loss"))):
-            raise TrainingDiverged(
-                f"epoch {epoch + 1} ended with training loss {logs.get('loss')}, validation loss {logs.get('val_loss')}: "
-                f"lower learning_rate (now {self.learning_rate}) or check the embedding matrix for NaN/inf; "
-                f"the last good checkpoint stays in {self.checkpoints}")
-
-
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras' EarlyStopping on val_loss, continuing from the finished epochs of a resumed training.
-
-    `patience` as in TrainConfig: the epochs without a lower val_loss that are tolerated (Keras stops at
-    its `patience`-th such epoch, hence patience + 1). The best weights are kept on disk by
-    EpochCheckpoint, so that they survive a kill (not restore_best_weights, which keeps them in memory).
-    """
-
-    def __init__(self, patience: int, history: list[dict], log):
-        super().__init__(monitor="val_loss", mode="min", patience=patience + 1)
-        self.tolerated, self.history, self.log = patience, history, log
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        best = best_row(self.history)  # rows of the epochs finished before a resume
-        if best:
-            self.best, self.best_epoch, self.wait = best["val_loss"], best["epoch"] - 1, len(self.history) - best["epoch"]
-
-    def on_train_end(self, logs=None):
-        super().on_train_end(logs)
-        if self.stopped_epoch:
-            self.log.info("early stop: no lower validation loss for %d epochs (best epoch %d)", self.tolerated,
-                          self.best_epoch + 1)
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Appends the epoch's history row, then checkpoints the epoch (storage.checkpoints.CheckpointDir or any
-    object with its save/restore/best_weights methods): the full training state (weights + optimizer), the
-    best classifier weights so far and the progress (history, whether early stopping ended the training),
-    so a run killed at any moment resumes from its last complete epoch. Keras' BackupAndRestore does not do
-    this: it rewrites one weights file in place and its epoch counter next to it, keeps neither
-    history nor best weights, and deletes its backup when fit returns.
-    """
-
-    def __init__(self, cfg: TrainConfig, checkpoints, classifier: keras.Model, history: list[dict],
-                 early_stopping: ResumableEarlyStopping, log):
-        super().__init__()
-        self.cfg, self.checkpoints, self.classifier, self.history = cfg, checkpoints, classifier, history
-        self.early_stopping, self.log, self.started = early_stopping, log, time.perf_counter()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {
-            "epoch": epoch + 1,
-            "loss": float(logs["loss"]),
-            "accuracy": float(logs["accuracy"]),  # mean over the experts (each trained on its own)
-            "val_loss": logs["val_loss"],  # of the product of experts, as val_accuracy
-            "val_accuracy": logs["val_accuracy"],
-            "learning_rate": float(ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-            "seconds": round(time.perf_counter() - self.started, 3),
-            "expert_weights": logs["expert_weights"],
-            "expert_val_accuracy": logs["expert_val_accuracy"],
-        }
-        self.history.append(row)
-        improved = self.early_stopping.best_epoch == epoch
-        self._save(row["epoch"], improved, bool(self.model.stop_training))
-        self.log.info(
-            "epoch %d/%d: loss %.4f, val_loss %.4f, val_acc %.4f (experts %s, expert weights %s), %.1f s%s",
-            row["epoch"], self.cfg.epochs, row["loss"], row["val_loss"], row["val_accuracy"], row["expert_val_accuracy"],
-            row["expert_weights"], row["seconds"], " (best)" if improved else "",
-        )
-
-    def _save(self, epoch: int, improved: bool, stopped: bool) -> None:
-        progress = {"epoch": epoch, "best_epoch": self.early_stopping.best_epoch + 1, "stopped": stopped,
-                    "history": self.history}
-        best = self.classifier.get_weights() if improved else None
-        self.checkpoints.save(epoch, lambda path: self.model.save_weights(path), best, progress)
-
-
-def restore_checkpoint(model: keras.Model, checkpoints, log) -> dict:
-    """Load the newest loadable checkpoint into `model`; its progress, {} when there is none."""
-    def read_state(path) -> None:
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(path)
-
-    return checkpoints.restore(read_state, log)
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
@@ -247,82 +100,101 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(s in text for s in signs)
 
 
-def fit_classifier(
-    cfg: TrainConfig,
-    sequences: Sequence[np.ndarray],
-    labels: np.ndarray,
-    matrix: np.ndarray,
-    n_classes: int,
-    max_length: int,
-    checkpoints,
-    log: logging.Logger | logging.LoggerAdapter | None = None,
-    order: np.ndarray | None = None,
-) -> tuple[keras.Model, list[dict], dict]:
-    """Train on `sequences` (a validation slice of them drives early stopping); resume from `checkpoints`
-    (a storage.checkpoints.CheckpointDir: this package never touches files itself). `order`: when each
-    document was posted (any increasing key), for cfg.validation "latest"; None = the order of `sequences`.
+def scan_rows(rows: Rows, fit: np.ndarray, vocab: int) -> tuple[np.ndarray, int, int]:
+    """One pass over the documents: (smoothed idf of the `fit` rows, sklearn's formula, padding id 0 gets 0;
+    lowest id; highest id)."""
+    df = np.zeros(vocab, dtype=np.float64)
+    low = top = 0
+    for numbers, sequences in rows.select(np.ones(len(rows), dtype=bool)):
+        lengths = np.array([len(s) for s in sequences])
+        ids = np.concatenate(sequences) if lengths.sum() else np.zeros(0, np.int64)
+        if len(ids):
+            low, top = min(low, int(ids.min())), max(top, int(ids.max()))
+        owner = np.repeat(np.arange(len(sequences)), lengths)
+        keep = fit[numbers][owner] & (ids >= 0) & (ids < vocab)
+        pairs = np.unique(owner[keep].astype(np.int64) * vocab + ids[keep])  # each (document, id) once
+        df += np.bincount(pairs % vocab, minlength=vocab)
+    idf = np.log((1 + int(fit.sum())) / (1 + df)) + 1
+    idf[0] = 0.0
+    return idf.astype(np.float32), low, top
 
-    Returns (classifier with the best validation weights, per-epoch history, summary).
-    Raises ModelInputError, TrainingDiverged or OutOfDeviceMemory (tasks.model.errors).
+
+def fit_classifier(cfg: TrainConfig, sequences: Sequence[np.ndarray] | Rows, labels: np.ndarray | None, matrix: np.ndarray,
+                   n_classes: int, max_length: int, checkpoints, log: logging.Logger | logging.LoggerAdapter | None = None,
+                   should_stop: Callable[[], bool] = lambda: False, on_batch: Callable[..., None] | None = None,
+                   order: np.ndarray | None = None) -> tuple[keras.Model, list[dict], dict]:
+    """Train on the documents (a validation slice of them drives early stopping), resuming from `checkpoints`
+    (a storage.checkpoints.CheckpointDir: this package touches no files) and stopping once `should_stop()`;
+    `on_batch` is called after every batch (BatchProgress). `sequences`: id arrays (with `labels`, and `order`:
+    when each was posted, any increasing key, for cfg.validation "latest"), or Rows (with their own `posted`),
+    loaded piece by piece: batches are streamed (StreamedBatches; on the device where they fit, DeviceBatches),
+    so host memory does not grow with the number of documents. With cfg.refit, a second training on every
+    document for the best epoch count (tasks.model.refit). Returns (classifier with the best validation weights,
+    per-epoch history, summary); raises ModelInputError, TrainingDiverged, OutOfDeviceMemory or
+    TrainingInterrupted (tasks.model.errors).
     """
     log = log or logging.getLogger(PACKAGE)
-    labels = np.asarray(labels, dtype=np.int32)
-    check_inputs(matrix, sequences, labels, n_classes)
+    rows = sequences if isinstance(sequences, Rows) else Rows.in_memory(sequences, labels, posted=order)
     keras.utils.set_random_seed(cfg.seed)
-
-    fit_rows, val_rows = validation_split(labels, cfg.validation_fraction, cfg.seed, getattr(cfg, "validation", "random"), order)
-    fit_sequences = [sequences[i] for i in fit_rows]
-    training_model, classifier = build_model(cfg, matrix, n_classes, inverse_document_frequency(fit_sequences, len(matrix)))
+    mode = getattr(cfg, "validation", "random")
+    fit, validation, idf = _slices(cfg, rows, mode, matrix, n_classes)
+    training_model, classifier = build_model(cfg, matrix, n_classes, idf)
     experts = training_model.output_shape[1]
-    train_data = batches_for(fit_sequences, labels[fit_rows], batch_size=cfg.batch_size, max_length=max_length,
-                             seed=cfg.seed, multiple=length_multiple(), targets=experts)
+    train_data = training_batches(rows, fit, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed,
+                                  multiple=length_multiple(), targets=experts)
     compile_model(training_model, cfg, len(train_data))
     progress = restore_checkpoint(training_model, checkpoints, log)
     history, initial_epoch = list(progress.get("history", [])), progress.get("epoch", 0)
     if progress:
         log.info("resuming from %s: %d of %d epochs done", progress["name"], initial_epoch, cfg.epochs)
     info = device_info()
-    log.info("training on %s (%s, keras %s backend): %d train / %d validation documents, %d batches per epoch, %d experts",
-             info["device_name"], info["device"], info["backend"], len(fit_rows), len(val_rows), len(train_data), experts)
+    log.info("training on %s (%s, keras %s backend): %d train / %d validation documents (%s), %d batches per epoch, "
+             "%d experts%s", info["device_name"], info["device"], info["backend"], fit.sum(), validation.sum(), mode,
+             len(train_data), experts, ", batches on the device" if isinstance(train_data, DeviceBatches) else "")
 
     early_stopping = ResumableEarlyStopping(cfg.patience, history, log)
     callbacks = [
+        StopWhenAsked(should_stop, checkpoints),
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: train_data.set_epoch(epoch)),
         EmbeddingWarmup(cfg.unfreeze_embeddings_after),
-        ExpertWeightsFit(classifier, prediction_batches([sequences[i] for i in val_rows], max_length), labels[val_rows]),
+        ExpertWeightsFit(classifier, rows, validation, max_length, validation_batches(rows, validation, max_length)),
         DivergenceGuard(cfg.learning_rate, checkpoints),
         early_stopping,
         EpochCheckpoint(cfg, checkpoints, classifier, history, early_stopping, log),
-    ]
+    ] + ([BatchProgress(on_batch, cfg.epochs, len(train_data))] if on_batch else [])
     started = time.perf_counter()
     if initial_epoch < cfg.epochs and not progress.get("stopped"):
         fit_epochs(training_model, train_data, cfg, initial_epoch, cfg.epochs, callbacks, info, checkpoints)
     if (best := checkpoints.best_weights()) is not None:
         classifier.set_weights(best)
-    summary = {
-        **info,
-        **_history_summary(history),
-        "stopped_early": bool(early_stopping.stopped_epoch or progress.get("stopped")),
-        "resumed_from_epoch": initial_epoch,
-        "train_documents": len(fit_rows),
-        "validation_documents": len(val_rows),
-        "validation": getattr(cfg, "validation", "random"),
-        "experts": expert_names(cfg),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    stopped = bool(early_stopping.stopped_epoch or progress.get("stopped"))
+    summary = {**info, **_history_summary(history), "stopped_early": stopped, "resumed_from_epoch": initial_epoch,
+               "train_documents": int(fit.sum()), "validation": mode,
+               "validation_documents": int(validation.sum()), "experts": expert_names(cfg),
+               "seconds": round(time.perf_counter() - started, 3)}
     if getattr(cfg, "refit", False) and history:  # the settings and epoch are chosen: now train on everything
         from tasks.model.refit import refit_on_all
 
-        classifier, summary["refit"] = refit_on_all(cfg, sequences, labels, matrix, n_classes, max_length,
-                                                    checkpoints.sub("refit"), best_row(history), info, log)
+        classifier, summary["refit"] = refit_on_all(cfg, rows, matrix, n_classes, max_length, checkpoints.sub("refit"),
+                                                    best_row(history), info, log, should_stop, on_batch)
     return classifier, history, summary
 
 
-def fit_epochs(model: keras.Model, data: BucketedBatches, cfg: TrainConfig, initial_epoch: int, epochs: int, callbacks: list,
-               info: dict, checkpoints) -> None:
+def _slices(cfg: TrainConfig, rows: Rows, mode: str, matrix: np.ndarray, n_classes: int):
+    """(training rows, validation rows) as masks, and the idf of the training rows, once the inputs are checked."""
+    fit, validation = (np.isin(np.arange(len(rows)), part)
+                       for part in validation_split(rows.labels, cfg.validation_fraction, cfg.seed, mode, rows.posted))
+    idf, low, top = scan_rows(rows, fit, len(matrix))
+    check_inputs(matrix, (low, top), rows.labels, n_classes)
+    return fit, validation, idf
+
+
+def fit_epochs(model: keras.Model, data: StreamedBatches | DeviceBatches, cfg: TrainConfig, initial_epoch: int, epochs: int,
+               callbacks: list, info: dict, checkpoints) -> None:
     """model.fit, with out-of-memory (however the backend reports it) as OutOfDeviceMemory naming what to lower."""
     try:
-        model.fit(data, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
+        # shuffle=False: the batches shuffle themselves (a function of (seed, epoch)), and are streamed in order
+        model.fit(data, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0, shuffle=False)
     except Exception as exc:  # only out-of-memory is translated, the rest re-raised
         if not _is_out_of_memory(exc):
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -90,8 +91,6 @@ def test_data_then_inspect_then_a_failing_run(tiny_sources, home, tmp_path, caps
 
 @pytest.mark.usefixtures("prefect_api")
 def test_run_prints_metrics_then_predict_classifies_text(tiny_sources, home, tmp_path, capsys, monkeypatch):
-    import io
-
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(tiny_config_dict(tiny_sources, home)))
     assert main(["run", "-c", str(config)]) == EXIT_OK
@@ -106,12 +105,26 @@ def test_run_prints_metrics_then_predict_classifies_text(tiny_sources, home, tmp
         assert prediction["label"] in {"rec.autos", "sci.space", "talk.politics"}
         assert len(prediction["top"]) == 2 and prediction["top"][0]["label"] == prediction["label"]
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("car engine\nmoon comet\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"car engine\nmoon comet\n")))
     assert main(["predict", "-", "--lines", "--data-home", home]) == EXIT_OK
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in {"rec.autos", "sci.space", "talk.politics"} for line in lines)
 
     assert main(["predict", "--run", "corpus/", "text", "--data-home", home]) == EXIT_USAGE
+    _binary_input_is_read_the_same_way_on_every_path_and_never_echoed_raw(home, tmp_path)
+
+
+def _binary_input_is_read_the_same_way_on_every_path_and_never_echoed_raw(home: str, tmp_path) -> None:
+    """The same bytes as an argument, a file and stdin (in a real process: argv holds raw bytes)."""
+    data = b"rocket \xff\xfe orbit \x1b]0;owned\x07 launch \x1b[2J\r\nmoon \xc3"
+    (tmp_path / "binary.txt").write_bytes(data)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", data, "-", "--file", str(tmp_path / "binary.txt"),
+                           "--data-home", home], input=data, capture_output=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    lines = done.stdout.decode().strip().splitlines()
+    assert len(lines) == 3 and len(set(lines)) == 1  # label, probabilities and snippet: identical
+    assert b"\x1b" not in done.stdout and b"\x07" not in done.stdout and "\\x1b]0;owned\\x07" in lines[0]
+    assert "\ufffd" in lines[0]  # undecodable bytes shown as U+FFFD
 
 
 @pytest.mark.parametrize("argv", [["--debug", "inspect"], ["inspect", "--debug"]])
@@ -119,3 +132,33 @@ def test_debug_flag_is_accepted_before_or_after_the_command(argv):
     from flows.cli import build_parser
 
     assert build_parser().parse_args(argv).debug is True
+
+
+@pytest.mark.parametrize("override, field, why", [
+    ("train.epochs=true", "train.epochs", "valid integer (got True)"),
+    ("corpus.max_extracted_bytes=-1", "corpus.max_extracted_bytes", "greater than or equal to 1 (got -1)"),
+    ("train.batch_size=0", "train.batch_size", "greater than or equal to 1 (got 0)"),
+    ('train.epochs="3"', "train.epochs", "valid integer (got '3')"),
+    ("tokenize.lower=1", "tokenize.lower", "valid boolean (got 1)"),
+    ("train.learning_rate=Infinity", "train.learning_rate", "finite number"),
+    ("corpus.max_document_bytes=1.5", "corpus.max_document_bytes", "valid integer (got 1.5)"),
+])
+def test_config_values_are_strict_and_bounded_exit_2_naming_the_field(override, field, why, capsys):
+    code = main(["run", override, "--until", "data"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE and err.count("\n") == 0, err
+    assert err.startswith("newsgroups-lstm: error: invalid configuration: ") and f"{field}: " in err and why in err
+
+
+@pytest.mark.parametrize("args, stdin", [
+    ([""], None), (["   \n\t"], None), (["-"], b""), (["-"], b" \n "), (["--file", "EMPTY"], None),
+    (["--file", "EMPTY", "--lines"], None), (["-", "--lines"], b"\n\n"), (["real text", ""], None),
+])
+def test_predict_with_nothing_to_classify_exits_2(args, stdin, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    assert main(["predict", *args, "--data-home", str(tmp_path / "no-home")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("newsgroups-lstm: error: nothing to classify") and "\n" not in err

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from storage.artifacts import ArtifactStore
 from tests.flows.conftest import REPO_ROOT, tiny_config_dict
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import tarfile
 import zipfile
+from urllib.parse import unquote_to_bytes
 
 import pytest
 
 from storage.archives import iter_archive, iter_tar, open_zip, open_zip_member
-from storage.errors import InputFormatError, UnsafeArchiveError
+from storage.errors import InputFormatError, Interrupted, UnsafeArchiveError
 
 
 def make_tar(path, members, mode="w:gz"):
@@ -132,3 +133,43 @@ def test_zip_member_crc_error(tmp_path):
     arc.write_bytes(bytes(raw))
     with pytest.raises(InputFormatError, match="a.txt"):
         list(iter_archive(arc))
+
+
+# -- names and sizes a hostile archive can carry ---------------------------------------------------
+def test_member_names_with_bad_bytes_and_control_characters_are_percent_escaped(tmp_path):
+    arc = tmp_path / "n.tar"
+    with tarfile.open(arc, "w", format=tarfile.GNU_FORMAT) as tar:  # GNU: names stored as raw bytes
+        for raw in (b"top/g/caf\xe9", b"top/g/two\nlines", b"top/g/\x1b[31mred", b"top/g/100%", b"top/g/ok"):
+            info = tarfile.TarInfo(raw.decode("utf-8", "surrogateescape"))
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    names = [m.name for m in iter_archive(arc)]
+    assert names == ["top/g/caf%E9", "top/g/two%0Alines", "top/g/%1B[31mred", "top/g/100%25", "top/g/ok"]
+    assert all(n.isprintable() and n.encode("utf-8") for n in names)  # storable as UTF-8, safe to print
+    assert [unquote_to_bytes(n) for n in names][:2] == [b"top/g/caf\xe9", b"top/g/two\nlines"]  # reversible
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_member_bytes_are_bounded_and_the_full_size_reported(tmp_path, kind):
+    files = [("top/big", b"0123456789" * 1000), ("top/small", b"tiny"), ("top/exact", b"x" * 100)]
+    arc = make_tar(tmp_path / "a.tar.gz", files) if kind == "tar.gz" else make_zip(tmp_path / "a.zip", files)
+    got = {m.name: (m.data, m.full_size) for m in iter_archive(arc, max_member_bytes=100)}
+    assert got == {"top/big": (b"0123456789" * 10, 10_000), "top/small": (b"tiny", None), "top/exact": (b"x" * 100, None)}
+
+
+def test_reading_stops_between_members_when_a_stop_is_requested(tmp_path):
+    from storage.http import clear_stop, request_stop
+
+    arc = make_tar(tmp_path / "a.tar.gz", [("top/a", b"a"), ("top/b", b"b")])
+    members = iter_archive(arc)
+    zipped = make_zip(tmp_path / "v.zip", [("vectors.txt", b"the 1 2\n" * 500_000)])  # a parser reads it in chunks
+    with open_zip(zipped) as zf, open_zip_member(zf, "vectors.txt") as stream:
+        assert next(members).name == "top/a" and stream.read(10) == b"the 1 2\nth"
+        request_stop()
+        try:
+            with pytest.raises(Interrupted, match="a.tar.gz"):
+                next(members)
+            with pytest.raises(Interrupted, match="v.zip:vectors.txt"):
+                stream.read()
+        finally:
+            clear_stop()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,8 +16,8 @@ import pyarrow as pa
 import pytest
 
 from storage.artifacts import ArtifactStore, artifact_key
-from storage.files import Staging
 from storage.errors import SchemaMismatch
+from storage.files import Staging
 from storage.schemas import VOCAB
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,21 +107,76 @@ def test_two_processes_publish_the_same_artifact_once(home, tmp_path):
     assert ArtifactStore(home).find("tokens", "same", verify=True) is not None
 
 
-def test_tampered_file_is_not_trusted(home):
+def flip_byte(path: Path, keep_mtime: bool = False) -> None:
+    """Invert one byte in the middle of a file (same size); optionally set its mtime back as it was."""
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def quarantined(home: str, step: str) -> list[str]:
+    return sorted(p.name for p in (Path(home) / step / ".quarantine").glob("*"))
+
+
+@pytest.fixture
+def warnings_logged():
+    """Messages of the warnings the store logs (on the CLI's progress logger, whatever its propagation)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("newsgroups_lstm.progress")
+    logger.addHandler(handler)
+    yield lambda: "\n".join(r.getMessage() for r in records)
+    logger.removeHandler(handler)
+
+
+def test_a_changed_file_is_moved_to_quarantine_and_rebuilt(home, warnings_logged):
     store = ArtifactStore(home)
     ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
     note = store.local_dir(ref) / "note.txt"
     note.write_text("hello, tampered")
     assert store.find("tokens", "k1") is None
+    [warning] = warnings_logged().splitlines()  # one line naming the file
+    assert "tokens/k1 is damaged" in warning and str(note) in warning
+    [moved] = quarantined(home, "tokens")
+    assert moved.startswith("k1-") and (Path(home) / "tokens/.quarantine" / moved / "note.txt").read_text() == \
+        "hello, tampered"  # set aside, not deleted
     ref = store.publish("tokens", "k1", build_vocab, version=1, params={})  # rebuilt in place of the bad one
     assert (store.local_dir(ref) / "note.txt").read_text() == "hello"
 
 
-def test_same_size_tampering_needs_verify(home):
+def test_same_size_change_is_found_without_rehashing_unchanged_files(home):
+    from storage.integrity import STATS
+
     store = ArtifactStore(home)
     ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
-    (store.local_dir(ref) / "note.txt").write_text("HELLO")
-    assert store.find("tokens", "k1") == ref and store.find("tokens", "k1", verify=True) is None
+    hashed = STATS.hashed_bytes
+    assert store.find("tokens", "k1") == ref and store.read_parquet(ref, "vocab.parquet", VOCAB).num_rows == 3
+    assert STATS.hashed_bytes == hashed  # stamped at publish: an unchanged file is not hashed again
+
+    flip_byte(store.local_dir(ref) / "note.txt", keep_mtime=True)  # its ctime still changes
+    assert store.find("tokens", "k1") is None and len(quarantined(home, "tokens")) == 1
+    assert STATS.hashed_bytes > hashed
+
+    ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
+    assert store.find("tokens", "k1", verify=True) == ref  # verify=True re-hashes whatever the stamps say
+
+
+def test_a_file_damaged_after_the_check_is_never_read(home):
+    from storage.errors import DamagedArtifact
+
+    store = ArtifactStore(home)
+    ref = store.publish("tokens", "k1", build_vocab, version=1, params={})
+    assert store.find("tokens", "k1") == ref
+    flip_byte(store.local_dir(ref) / "vocab.parquet")
+    with pytest.raises(DamagedArtifact, match="vocab.parquet has sha256"):
+        store.read_parquet(ref, "vocab.parquet", VOCAB)
+    assert store.find("tokens", "k1") is None and len(quarantined(home, "tokens")) == 1
 
 
 def test_read_parquet_refuses_a_wrong_schema(home):
@@ -145,3 +202,38 @@ def test_manifest_is_json_and_missing_manifest_means_absent(home):
     assert json.loads(path.read_text())["key"] == "k1"
     path.unlink()
     assert store.find("tokens", "k1") is None
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_flipped_byte_in_each_kind_of_artifact_is_quarantined_and_rebuilt(tiny_config, capsys, warnings_logged):
+    from flows.cli import EXIT_FAILED, EXIT_OK, main
+    from flows.pipeline import pipeline
+
+    home = tiny_config.data_home
+    first = pipeline(tiny_config)
+    steps = first["steps"]
+    flipped = {"download-corpus": "tiny-news.tar.gz", "corpus": "documents.parquet", "glove": "vectors.parquet",
+               "tokens": "sequences.parquet", "embeddings": "matrix.npy", "train": "model.keras"}
+    for name, file in flipped.items():
+        flip_byte(Path(steps[name]["uri"]) / file, keep_mtime=name == "corpus")
+
+    second = pipeline(tiny_config)
+    rebuilt = {name for name, step in second["steps"].items() if step["state"] == "Completed"}
+    assert rebuilt == set(flipped)  # evaluate and the GloVe download stay Cached: same keys
+    assert second["artifacts"] == first["artifacts"]
+    for step in {step["step"] for step in steps.values()}:  # each damaged artifact set aside, nothing else
+        moved = sorted(name.rsplit("-", 1)[0] for name in quarantined(home, step))  # <key>-<time>
+        assert moved == sorted(steps[n]["key"] for n in flipped if steps[n]["step"] == step), step
+    warned = warnings_logged()
+    assert all(f"{steps[name]['step']}/{steps[name]['key']} is damaged: " in warned for name in flipped), warned
+    capsys.readouterr()
+
+    # `verify` re-hashes everything: all sound now; after another flip it names the file and exits 1.
+    assert main(["verify", "--data-home", home]) == EXIT_OK
+    assert "8 artifacts" in capsys.readouterr().out
+    flip_byte(Path(steps["evaluate"]["uri"]) / "metrics.json")
+    assert main(["verify", "evaluate", "--data-home", home]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert f"DAMAGED evaluate/{steps['evaluate']['key']}: " in out and "metrics.json has sha256" in out
+    assert main(["verify", "--data-home", home]) == EXIT_OK  # the damaged one was moved aside
+    assert ArtifactStore(home).find("evaluate", steps["evaluate"]["key"]) is None

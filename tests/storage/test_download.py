@@ -154,7 +154,7 @@ def test_raw_bytes_are_kept_despite_content_encoding(tmp_path, sleeps):
 
 
 def test_not_enough_disk_fails_before_downloading(tmp_path, sleeps, monkeypatch):
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000, "total": 10**9})())
     with Server([full]) as srv, pytest.raises(DownloadError, match="not enough free disk"):
         dl.fetch(srv.url, tmp_path / "f", sha256=SHA, size=len(PAYLOAD))
 
@@ -271,7 +271,8 @@ def test_announced_length_over_the_cap_fails_before_downloading(tmp_path, sleeps
         h.end_headers()
         h.close_connection = True
 
-    with Server([huge]) as srv, pytest.raises(DownloadError, match=r"announces 5,368,709,120 bytes, more than the cap of 4,294,967,296"):
+    cap = r"announces 5,368,709,120 bytes, more than the cap of 4,294,967,296"
+    with Server([huge]) as srv, pytest.raises(DownloadError, match=cap):
         dl.fetch(srv.url, tmp_path / "f")
     assert gets(srv) == 1 and list(tmp_path.iterdir()) == []
 

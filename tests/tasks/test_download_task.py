@@ -11,11 +11,11 @@ import pytest
 
 import storage.download as dl
 from storage.artifacts import ArtifactStore
-from storage.errors import ChecksumMismatch, NotAnArchive, SourceUnreachable
-from tasks.step import is_transient
-from tasks.config import Source
 from storage.download import forget_download
+from storage.errors import ChecksumMismatch, NotAnArchive, SourceUnreachable
+from tasks.config import Source
 from tasks.download import download, download_key
+from tasks.step import is_transient
 from tests.storage._http_server import PAYLOAD, SHA, Server, closed_port_url, full
 
 ARCHIVE = gzip.compress(PAYLOAD, mtime=0)  # what an unpinned source must serve: an archive

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -109,17 +110,35 @@ def test_prefect_artifacts_are_published_inside_a_flow_run(evaluated, prefect_ap
     state = evaluate_flow(return_state=True)
     assert state.result() == ref  # a store hit: the report is rebuilt from the stored files
 
+    keys = ["evaluation-summary", "evaluation-per-class", "evaluation-confusion", "training-curves"]
+
     async def read():  # this flow run's artifacts only: other tests publish under the same keys
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["evaluation-per-class", "evaluation-summary"]),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+                key=ArtifactFilterKey(any_=keys), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
 
     import asyncio
 
     artifacts = {a.key: a for a in asyncio.run(read())}
-    assert set(artifacts) == {"evaluation-per-class", "evaluation-summary"}
-    assert "accuracy" in artifacts["evaluation-summary"].data and run.key in artifacts["evaluation-summary"].data
+    assert set(artifacts) == set(keys)
+    metrics = ArtifactStore(home).read_json(ref, "metrics.json")
+    summary = artifacts["evaluation-summary"].data
+    assert f"accuracy: **{metrics['accuracy']:.4f}**" in summary and run.key in summary
+    assert all(f"| {group} |" in summary for group in GROUPS)
     table = artifacts["evaluation-per-class"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert [row["group"] for row in table] == GROUPS
+
+    confusion = artifacts["evaluation-confusion"].data  # a table a person can read, with the group names, and the image
+    confusion_rows = pq.read_table(ArtifactStore(home).local_dir(ref) / "confusion.parquet").to_pylist()
+    first = [c["count"] for c in confusion_rows if c["true_label"] == 0]
+    assert f"| 1 {GROUPS[0]} | " + " | ".join(f"**{c}**" if j == 0 else (str(c) if c else "·") for j, c in enumerate(first)) \
+        in confusion
+    image = confusion.split("(data:image/png;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
+
+    curves = artifacts["training-curves"].data
+    curves = json.loads(curves) if isinstance(curves, str) else curves
+    history = pq.read_table(ArtifactStore(home).local_dir(run) / "history.parquet").to_pylist()
+    assert [row["epoch"] for row in curves] == [row["epoch"] for row in history]
+    assert curves[-1]["val_loss"] == pytest.approx(history[-1]["val_loss"], abs=1e-4)

@@ -1,4 +1,4 @@
-"""Prediction from a run directory alone, on raw strings, tokenized by tasks.tokens's rules."""
+"""Prediction from a run directory alone, on raw strings, tokenized by tasks.tokenizer's rules."""
 
 from __future__ import annotations
 
@@ -59,3 +59,20 @@ def test_an_incomplete_run_directory_is_refused(tmp_path):
     (tmp_path / "model.keras").write_bytes(b"")
     with pytest.raises(InputFormatError, match="vocab.parquet"):
         predict(tmp_path, ["hello"])
+
+
+def test_predictions_stream_a_chunk_at_a_time_with_the_same_results(run_dir):
+    from tasks.predict import iter_predictions, predict
+
+    texts = [f"rocket {i} orbit" if i % 2 else f"senate vote {i}" for i in range(11)]
+    pulled = []
+
+    def lines():
+        for text in texts:
+            pulled.append(text)
+            yield text
+
+    stream = iter_predictions(run_dir[0], lines(), chunk=3)
+    first = next(stream)
+    assert len(pulled) == 3, "only the first chunk is read before the first prediction"
+    assert [first, *stream] == predict(run_dir[0], texts)

@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.tokens as tok
+import tasks.tokenizer as tok
+import tasks.tokens as tokens_step
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.schemas import DOCUMENTS, SEQUENCES, VOCAB
-from tasks.config import TokenizeConfig
 from tasks import embeddings as embeddings_step
+from tasks.config import TokenizeConfig
 
 # Hand-written strings where a naive tokenizer would differ from Keras's.
 TRICKY = [
@@ -101,7 +102,7 @@ def test_multibyte_filter_characters_split_words():
 
 def test_vocabulary_comes_from_training_split_only(home):
     corpus = publish_corpus(home, [("train", "apple banana apple"), ("test", "apple cherry cherry cherry")])
-    ref = tok.tokens.fn(TokenizeConfig(num_words=100), corpus, data_home=home)
+    ref = tokens_step.tokens.fn(TokenizeConfig(num_words=100), corpus, data_home=home)
     vocab, sequences = read(ref, home)
     assert vocab.to_pylist() == [{"token": "apple", "id": 1, "count": 2}, {"token": "banana", "id": 2, "count": 1}]
     assert sequences["ids"].to_pylist() == [[1, 2, 1], [1]]  # "cherry" is OOV: dropped
@@ -115,7 +116,7 @@ def test_vocabulary_comes_from_training_split_only(home):
 
 def test_vocab_larger_than_distinct_words_empty_and_punctuation_only_documents(home):
     rows = [("train", "b a b"), ("train", ""), ("train", "?!... ,,, ---"), ("test", "")]
-    ref = tok.tokens.fn(TokenizeConfig(num_words=50_000), publish_corpus(home, rows), data_home=home)
+    ref = tokens_step.tokens.fn(TokenizeConfig(num_words=50_000), publish_corpus(home, rows), data_home=home)
     vocab, sequences = read(ref, home)
     assert vocab["token"].to_pylist() == ["b", "a"]
     assert sequences["ids"].to_pylist() == [[1, 2, 1], [], [], []]
@@ -127,13 +128,13 @@ def test_no_training_words_is_an_input_error(home):
     from storage.errors import InputFormatError
 
     with pytest.raises(InputFormatError, match="train"):
-        tok.tokens.fn(TokenizeConfig(), publish_corpus(home, [("train", "..."), ("test", "words")]), data_home=home)
+        tokens_step.tokens.fn(TokenizeConfig(), publish_corpus(home, [("train", "..."), ("test", "words")]), data_home=home)
 
 
 def test_tokenizer_json_and_texts_to_ids_reproduce_stored_sequences(home, monkeypatch):
     rows = [("train" if i % 4 else "test", f"{TRICKY[i % len(TRICKY)]} word{i % 7} extra{i}") for i in range(40)]
     cfg = TokenizeConfig(num_words=12, max_length=5, truncation="both", split_contractions=True)
-    ref = tok.tokens.fn(cfg, publish_corpus(home, rows), data_home=home)
+    ref = tokens_step.tokens.fn(cfg, publish_corpus(home, rows), data_home=home)
     vocab, sequences = read(ref, home)
     rules = json.loads((Path(ref.uri) / "tokenizer.json").read_text())
     assert rules["split_contractions"] is True and "n't" in vocab["token"].to_pylist()
@@ -142,9 +143,9 @@ def test_tokenizer_json_and_texts_to_ids_reproduce_stored_sequences(home, monkey
     as_dict = dict(zip(vocab["token"].to_pylist(), vocab["id"].to_pylist()))
     assert tok.texts_to_ids(raw, as_dict, rules).to_pylist() == sequences["ids"].to_pylist()
     # Record batches of 3 documents give the same artifact bytes as one batch.
-    monkeypatch.setattr(tok, "BATCH_ROWS", 3)
+    monkeypatch.setattr(tokens_step, "BATCH_ROWS", 3)
     other_home = str(Path(home).parent / "other")
-    ref3 = tok.tokens.fn(cfg, publish_corpus(other_home, rows), data_home=other_home)
+    ref3 = tokens_step.tokens.fn(cfg, publish_corpus(other_home, rows), data_home=other_home)
     assert read(ref3, other_home)[0].equals(vocab) and read(ref3, other_home)[1].equals(sequences)
 
 
@@ -168,7 +169,7 @@ def test_both_with_odd_length_keeps_one_more_from_the_head():
 
 _IDS_SCRIPT = """
 import json, sys, pyarrow as pa
-from tasks.tokens import Rules, fit_vocabulary
+from tasks.tokenizer import Rules, fit_vocabulary
 texts = json.loads(sys.stdin.read())
 vocab, _ = fit_vocabulary([pa.array(texts[:3]), pa.array(texts[3:])], Rules(), 8)
 print(json.dumps(vocab.to_pylist()))
@@ -194,32 +195,32 @@ def test_cache_keys_change_exactly_when_they_should(home):
     corpus = ArtifactRef(step="corpus", key="c1", uri="x")
     vectors = ArtifactRef(step="glove", key="g1", uri="y")
     base = TokenizeConfig()
-    assert tok.STEP.key(base, [corpus]) == tok.STEP.key(TokenizeConfig(), [corpus])
-    changed = {tok.STEP.key(base.model_copy(update=u), [corpus]) for u in (
+    assert tokens_step.STEP.key(base, [corpus]) == tokens_step.STEP.key(TokenizeConfig(), [corpus])
+    changed = {tokens_step.STEP.key(base.model_copy(update=u), [corpus]) for u in (
         {"num_words": 20_000}, {"lower": False}, {"filters": "!"}, {"max_length": 500}, {"truncation": "tail"})}
-    assert len(changed | {tok.STEP.key(base, [corpus])}) == 6
-    assert tok.STEP.key(base, [corpus]) != tok.STEP.key(base, [corpus.model_copy(update={"key": "c2"})])
+    assert len(changed | {tokens_step.STEP.key(base, [corpus])}) == 6
+    assert tokens_step.STEP.key(base, [corpus]) != tokens_step.STEP.key(base, [corpus.model_copy(update={"key": "c2"})])
     # Only num_words changed: tokens get a new key, so do embeddings (upstream); corpus/glove keys are untouched.
     from tasks.config import EmbeddingsConfig
 
-    t1 = ArtifactRef(step="tokens", key=tok.STEP.key(base, [corpus]), uri="t1")
-    t2 = ArtifactRef(step="tokens", key=tok.STEP.key(base.model_copy(update={"num_words": 20_000}), [corpus]), uri="t2")
+    t1 = ArtifactRef(step="tokens", key=tokens_step.STEP.key(base, [corpus]), uri="t1")
+    t2 = ArtifactRef(step="tokens", key=tokens_step.STEP.key(base.model_copy(update={"num_words": 20_000}), [corpus]), uri="t2")
     assert embeddings_step.STEP.key(EmbeddingsConfig(), [t1, vectors]) != embeddings_step.STEP.key(EmbeddingsConfig(), [t2, vectors])
     assert embeddings_step.STEP.key(EmbeddingsConfig(), [t1, vectors]) == embeddings_step.STEP.key(EmbeddingsConfig(), [t1.model_copy(update={"uri": "z"}), vectors])
 
 
 def test_same_inputs_reuse_the_artifact(home):
     corpus = publish_corpus(home, [("train", "x y z"), ("test", "z")])
-    first = tok.tokens.fn(TokenizeConfig(num_words=2), corpus, data_home=home)
+    first = tokens_step.tokens.fn(TokenizeConfig(num_words=2), corpus, data_home=home)
     manifest = ArtifactStore(home).read_manifest(first)
-    second = tok.tokens.fn(TokenizeConfig(num_words=2), corpus, data_home=home)
+    second = tokens_step.tokens.fn(TokenizeConfig(num_words=2), corpus, data_home=home)
     assert second == first and ArtifactStore(home).read_manifest(second)["created"] == manifest["created"]
     assert manifest["params"]["num_words"] == 2 and manifest["upstream"][0]["key"] == corpus.key
     assert set(manifest["files"]) == {"vocab.parquet", "sequences.parquet", "tokenizer.json"}
     assert pq.read_schema(Path(first.uri) / "sequences.parquet").equals(SEQUENCES)
-    third = tok.tokens.fn(TokenizeConfig(num_words=3), corpus, data_home=home)
+    third = tokens_step.tokens.fn(TokenizeConfig(num_words=3), corpus, data_home=home)
     assert third.key != first.key
-    assert not list(Path(home, "tokens").glob(".tmp-*"))  # the spill file went away with the staging dir
+    assert not list(Path(home, "tokens").glob(".tmp-*"))  # no staging directory is left behind
 
 
 def test_split_words_accepts_chunked_sliced_and_null_texts():

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage.checkpoints import CheckpointDir
 from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.checkpoints import CheckpointDir
 from storage.errors import InputFormatError, PipelineError, TrainingDiverged
 from tasks.config import PipelineConfig, TrainConfig, with_preset
 from tests.tasks._training_data import publish_inputs, synthetic_sequences, tiny_config
@@ -213,7 +213,7 @@ def test_matrix_that_does_not_match_the_vocabulary_is_rejected_before_building(t
 # -- empty documents, padding and bucketing -------------------------------------------------------------
 @pytest.mark.parametrize("architecture", ["lstm_pool", "bilstm_pool", "lstm_last"])
 def test_batches_holding_empty_documents_train_without_nan(tmp_path, architecture):
-    from tasks.model import pad_batch, predict_proba, fit_classifier
+    from tasks.model import fit_classifier, pad_batch, predict_proba
 
     sequences, labels, matrix = synthetic_sequences(n=60, empty=20)  # a third of the documents are empty
     ids, lengths = pad_batch([sequences[0], sequences[25]], 30)
@@ -269,18 +269,23 @@ def test_bucketing_pads_each_batch_only_to_its_longest_document():
         assert longest <= width < longest + 32 and (width % 32 == 0 or width == 200)
 
 
-def test_device_batches_serve_the_same_batches_from_tensors_uploaded_once():
-    """DeviceBatches (used under torch and jax) give BucketedBatches' batches, epoch after epoch; here on the CPU."""
+def test_device_batches_serve_the_same_batches_from_tensors_uploaded_a_piece_at_a_time():
+    """DeviceBatches (used under torch and jax) give BucketedBatches' batches of the kept rows, epoch after epoch,
+    built from Rows a piece at a time (pieces of different widths); here on the CPU."""
     from keras import ops
 
-    from tasks.model import BucketedBatches
-    from tasks.model.device_batches import DeviceBatches
+    from tasks.model import BucketedBatches, Rows
+    from tasks.model.device_batches import DeviceBatches, validation_batches
 
     rng = np.random.default_rng(1)
     sequences = [np.arange(1, n + 1, dtype=np.int32) for n in rng.integers(0, 90, size=150)]
     labels = rng.integers(0, 4, size=150)
-    host = BucketedBatches(sequences, labels, batch_size=16, max_length=60, seed=3, multiple=8, targets=2)
-    device = DeviceBatches(sequences, labels, batch_size=16, max_length=60, seed=3, multiple=8, targets=2)
+    rows, keep = Rows.in_memory(sequences, labels, chunk_rows=40), rng.random(150) < 0.8
+    kept = np.flatnonzero(keep)
+    host = BucketedBatches([sequences[i] for i in kept], labels[kept], batch_size=16, max_length=60, seed=3, multiple=8,
+                           targets=2)
+    device = DeviceBatches(((seqs, rows.labels[numbers]) for numbers, seqs in rows.select(keep)), batch_size=16,
+                           max_length=60, seed=3, multiple=8, targets=2)
     for epoch in (0, 1, 0):
         host.set_epoch(epoch)
         device.set_epoch(epoch)
@@ -290,22 +295,32 @@ def test_device_batches_serve_the_same_batches_from_tensors_uploaded_once():
             np.testing.assert_array_equal(ops.convert_to_numpy(dx["ids"]), x["ids"])
             np.testing.assert_array_equal(ops.convert_to_numpy(dx["lengths"]), x["lengths"])
             np.testing.assert_array_equal(ops.convert_to_numpy(dy), y)
-    unlabelled = DeviceBatches(sequences, batch_size=40, max_length=60, multiple=32)
+    unlabelled = DeviceBatches([(sequences, None)], batch_size=40, max_length=60, multiple=32)
     assert np.array_equal(ops.convert_to_numpy(unlabelled[0]["ids"]), BucketedBatches(
         sequences, batch_size=40, max_length=60, multiple=32)[0]["ids"])
+    assert validation_batches(rows, keep, 60) is None  # TensorFlow: the validation slice stays streamed
 
 
 def test_no_training_callback_makes_a_step_wait_for_the_device():
-    """A callback with a batch-end hook makes Keras hand every step's logs to the host before the next step."""
+    """A callback with a batch-end hook makes Keras hand every step's logs to the host before the next step,
+    unless it is async_safe (torch and jax then run it off the training loop)."""
+    from keras.src import backend
+    from keras.src.callbacks.callback_list import CallbackList
     from keras.src.utils.python_utils import is_default
 
-    from tasks.model import training
+    from tasks.model import callbacks
     from tasks.model.refit import RefitCheckpoint
 
-    for callback in (training.EmbeddingWarmup, training.ExpertWeightsFit, training.DivergenceGuard,
-                     training.ResumableEarlyStopping, training.EpochCheckpoint, RefitCheckpoint):
+    classes = [getattr(callbacks, name) for name in dir(callbacks) if isinstance(getattr(callbacks, name), type)
+               and getattr(callbacks, name).__module__ == callbacks.__name__] + [RefitCheckpoint]
+    assert {c.__name__ for c in classes} >= {"StopWhenAsked", "BatchProgress", "EpochCheckpoint", "ExpertWeightsFit"}
+    for callback in classes:
         for hook in ("on_batch_end", "on_train_batch_end", "on_train_batch_begin", "on_batch_begin"):
-            assert is_default(getattr(callback, hook)), f"{callback.__name__}.{hook}"
+            assert is_default(getattr(callback, hook)) or (getattr(callback, "async_safe", False) and "end" in hook), \
+                f"{callback.__name__}.{hook}"
+    # Keras' own rule, as the torch and jax backends apply it: the batch-end hooks of these two do not block.
+    hooked = CallbackList([callbacks.StopWhenAsked(lambda: False, "ckpt"), callbacks.BatchProgress(print, 1, 1)])
+    assert hooked._async_train == backend.IS_THREAD_SAFE  # False under TensorFlow, which calls every hook in line
 
 
 def test_latest_validation_slice_holds_each_groups_latest_posts():

@@ -67,7 +67,8 @@ NO_KERAS = textwrap.dedent(
 
 def test_the_product_of_experts_imports_no_keras():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.run([sys.executable, "-c", NO_KERAS], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    child = subprocess.run([sys.executable, "-c", NO_KERAS], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=60, check=False)
     assert child.returncode == 0 and "ok" in child.stdout, child.stderr[-3000:]
 
 
