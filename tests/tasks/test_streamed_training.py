@@ -101,3 +101,27 @@ def test_training_streamed_from_parquet_row_groups_reaches_the_accuracy_of_in_me
 
     assert streamed > 0.8 and in_memory > 0.8, (streamed, in_memory)
     assert abs(streamed - in_memory) <= 0.08, (streamed, in_memory)
+
+
+def test_latest_validation_slice_comes_from_the_article_numbers_read_in_the_streaming_pass(tmp_path):
+    """train.validation = "latest": each label's highest file numbers (doc_id), not its last rows (here the rows are
+    sorted by doc_id as text, so "train/g/96" comes after "train/g/316")."""
+    import pyarrow.compute as pc
+
+    from tasks.model import validation_split
+    from tasks.train import training_rows
+
+    home = str(tmp_path / "home")
+    token_ref, _, _ = publish_row_grouped_inputs(home)
+    store = ArtifactStore(home)
+    rows = training_rows(store, token_ref, posted=True)
+    table = pq.read_table(store.local_dir(token_ref) / "sequences.parquet", columns=["doc_id", "split"])
+    numbers = np.array([int(d.rsplit("/", 1)[1]) for d in table.filter(pc.equal(table["split"], "train"))["doc_id"].to_pylist()])
+    assert rows.posted.tolist() == numbers.tolist() and training_rows(store, token_ref).posted is None
+
+    _, latest = validation_split(rows.labels, 0.1, 0, "latest", rows.posted)
+    for label in np.unique(rows.labels):
+        picked = sorted(numbers[latest][rows.labels[latest] == label])
+        assert len(picked) == round((rows.labels == label).sum() * 0.1)
+        assert picked == sorted(numbers[rows.labels == label])[-len(picked):]
+    assert set(latest) != set(validation_split(rows.labels, 0.1, 0, "latest")[1])  # not merely the last rows
