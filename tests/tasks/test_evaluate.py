@@ -81,6 +81,22 @@ def test_evaluation_files_agree_with_each_other(evaluated):
     assert store.read_manifest(ref)["upstream"][0]["key"] == run.key
 
 
+def test_each_experts_own_test_accuracy_is_recorded(evaluated):
+    from tasks.model import expert_probabilities, load_model
+    from tasks.train import split_sequences
+
+    home, run, tokens, ref, _ = evaluated
+    store = ArtifactStore(home)
+    metrics = store.read_json(ref, "metrics.json")
+    table = pq.read_table(store.local_file(tokens, "sequences.parquet"))
+    test = table.filter(np.asarray(table["split"].to_pylist()) == "test")
+    probs = expert_probabilities(load_model(store.local_file(run, "model.keras")), split_sequences(test),
+                                 store.read_manifest(run)["max_length"])
+    label = test["label"].to_numpy()
+    assert metrics["experts"] == ["lstm", "bow"] == store.read_manifest(run)["training"]["experts"]
+    assert metrics["expert_accuracy"] == pytest.approx([float((probs[:, e].argmax(1) == label).mean()) for e in range(2)])
+
+
 def test_evaluation_key_follows_run_and_config():
     from tasks import evaluate as evaluate_step
 
