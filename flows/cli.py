@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import itertools
 import json
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -103,35 +105,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_texts(args: argparse.Namespace) -> list[str]:
-    """The texts to classify. Every source is read as bytes and decoded the same way (UTF-8, undecodable bytes
-    as U+FFFD: storage.files.decode_text_input), so one input gives one prediction whatever way it came in."""
-    from storage.files import decode_text_input, read_document
+def _texts(args: argparse.Namespace) -> Iterator[str]:
+    """The texts to classify, in order (arguments, files, stdin), read as they are classified so a long --file or
+    stdin never sits in memory whole. Every source is read as bytes and decoded the same way (UTF-8, undecodable
+    bytes as U+FFFD: storage.files.decode_text_input), so one input gives one prediction whatever way it came in.
+    Arguments and file names are checked first; a blank document stops the stream there with a usage error."""
+    from storage.files import decode_text_input, iter_document_lines, read_document
 
-    sources: list[tuple[str, str]] = []  # (where it came from, text)
-    for path in args.file:
-        if not Path(path).is_file():
-            raise UsageError(f"text file {path} not found")
-        sources.append((f"file {path}", read_document(path)))
-    texts = [(f"argument {i}", decode_text_input(os.fsencode(t))) for i, t in enumerate(args.texts, 1) if t != "-"]
-    if "-" in args.texts or (not args.texts and not args.file and not sys.stdin.isatty()):
-        sources.append(("stdin", decode_text_input(sys.stdin.buffer.read())))
-    if args.lines:
-        texts += [(f"{where}, line {n}", line) for where, chunk in sources
-                  for n, line in enumerate(chunk.splitlines(), 1) if line.strip()]
-        if sources and not texts:
-            raise UsageError(f"nothing to classify: {' and '.join(w for w, _ in sources)} holds no non-blank line")
-    else:
-        texts += sources
-    if not texts:
-        raise UsageError("nothing to classify: give texts as arguments, --file PATH, or pipe them on stdin")
-    if blank := [where for where, text in texts if not text.strip()]:
+    if missing := [path for path in args.file if not Path(path).is_file()]:
+        raise UsageError(f"text file {missing[0]} not found")
+    use_stdin = "-" in args.texts or (not args.texts and not args.file and not sys.stdin.isatty())
+    arguments = [decode_text_input(os.fsencode(t)) for t in args.texts if t != "-"]
+    if blank := [f"argument {i}" for i, text in enumerate(arguments, 1) if not text.strip()]:
         raise UsageError(f"nothing to classify in {', '.join(blank)}: it is empty or only whitespace")
-    return [text for _, text in texts]
+    if not arguments and not args.file and not use_stdin:
+        raise UsageError("nothing to classify: give texts as arguments, --file PATH, or pipe them on stdin")
+    sources = [(f"file {path}", path) for path in args.file] + ([("stdin", sys.stdin.buffer)] if use_stdin else [])
+
+    def documents() -> Iterator[str]:
+        for where, source in sources:
+            text = read_document(source) if where != "stdin" else decode_text_input(source.read())
+            if not text.strip():
+                raise UsageError(f"nothing to classify in {where}: it is empty or only whitespace")
+            yield text
+
+    def lines() -> Iterator[str]:
+        found = 0
+        for _, source in sources:
+            for line in iter_document_lines(source):
+                if line.strip():
+                    found += 1
+                    yield line
+        if sources and not found and not arguments:
+            raise UsageError(f"nothing to classify: {' and '.join(w for w, _ in sources)} holds no non-blank line")
+
+    return itertools.chain(arguments, lines() if args.lines else documents())
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    texts = _read_texts(args)
+    texts = _texts(args)
+    texts = itertools.chain([next(texts)], texts)  # the first text read (and checked) before the model loads
     store = _store(args)
     if args.run:
         run = store.resolve(args.run)
@@ -143,15 +156,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"{run.step}/{run.key} is not a trained run (expected train/<key>)")
     from tasks.predict import iter_predictions
 
-    results = []
-    for text, prediction in zip(texts, iter_predictions(store.local_dir(run), texts)):
-        top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[: args.top]
-        results.append({"text": text, "label": prediction.label,
-                        "top": [{"label": k, "probability": float(v)} for k, v in top]})
+    # tee holds only the texts read ahead of their predictions: one chunk (tasks.predict.PREDICT_CHUNK)
+    texts, shown = itertools.tee(texts)
+    results = ({"text": text, "label": prediction.label,
+                "top": [{"label": k, "probability": float(v)} for k, v in
+                        sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[: args.top]]}
+               for text, prediction in zip(shown, iter_predictions(store.local_dir(run), texts)))
+    # printed as they come: a line each, or one JSON document written piece by piece
     if args.json:
-        print(json.dumps({"run": f"{run.step}/{run.key}", "predictions": results}, indent=2))
+        print(f'{{"run": {json.dumps(f"{run.step}/{run.key}")}, "predictions": [', end="")
+        for i, result in enumerate(results):
+            print(("," if i else "") + "\n  " + json.dumps(result), end="")
+        print("\n]}")
     else:
-        print(render.predictions(results))
+        for result in results:
+            print(render.prediction(result))
     return EXIT_OK
 
 
