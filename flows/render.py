@@ -79,14 +79,12 @@ def parquet_preview(name: str, rows: int, schema, head) -> str:
     return out
 
 
-def predictions(results: list[dict]) -> str:
-    lines = []
-    for r in results:
-        snippet = printable(" ".join(r["text"].split()))
-        snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
-        top = "  ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in r["top"])
-        lines.append(f"{printable(r['label'])}\t{top}\t{snippet}")
-    return "\n".join(lines)
+def prediction(r: dict) -> str:
+    """One line: the label, the top probabilities and the start of the text, tab-separated."""
+    snippet = printable(" ".join(r["text"].split()))
+    snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
+    top = "  ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in r["top"])
+    return f"{printable(r['label'])}\t{top}\t{snippet}"
 
 
 def printable(text: str) -> str:

@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +59,14 @@ def decode_text_input(data: bytes) -> str:
 def read_document(path: str | os.PathLike) -> str:
     """A user's text file (decode_text_input of its bytes)."""
     return decode_text_input(Path(path).read_bytes())
+
+
+def iter_document_lines(source: str | os.PathLike | BinaryIO) -> Iterator[str]:
+    """The lines of a user's text file (a path) or binary stream (stdin), read one at a time so memory does not
+    grow with the input; split as str.splitlines splits the decoded whole (a UTF-8 sequence never holds b"\n")."""
+    with open(source, "rb") if isinstance(source, str | os.PathLike) else nullcontext(source) as stream:
+        for raw in stream:
+            yield from decode_text_input(raw).splitlines()
 
 
 def read_parquet(path: str | os.PathLike, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:

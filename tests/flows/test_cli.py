@@ -110,6 +110,14 @@ def test_run_prints_metrics_then_predict_classifies_text(tiny_sources, home, tmp
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in {"rec.autos", "sci.space", "talk.politics"} for line in lines)
 
+    # a file longer than one prediction chunk: every non-blank line classified, in order, as one JSON document
+    many = ["car engine", "", "moon comet"] * 2100
+    (tmp_path / "many.txt").write_text("\n".join(many) + "\n")
+    assert main(["predict", "--file", str(tmp_path / "many.txt"), "--lines", "--json", "--data-home", home]) == EXIT_OK
+    streamed = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["text"] for p in streamed] == [t for t in many if t]
+    assert {p["label"] for p in streamed[0::2]} == {lines[0].split("\t")[0]}  # same text, same label
+
     assert main(["predict", "--run", "corpus/", "text", "--data-home", home]) == EXIT_USAGE
     _binary_input_is_read_the_same_way_on_every_path_and_never_echoed_raw(home, tmp_path)
 
@@ -162,3 +170,27 @@ def test_predict_with_nothing_to_classify_exits_2(args, stdin, tmp_path, monkeyp
     assert main(["predict", *args, "--data-home", str(tmp_path / "no-home")]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert err.startswith("newsgroups-lstm: error: nothing to classify") and "\n" not in err
+
+
+def test_predict_reads_stdin_lines_as_they_are_classified_not_whole(monkeypatch):
+    """The input side of `predict -` is a stream: the first text comes after one line is read."""
+    from flows.cli import _texts, build_parser
+
+    pulled = []
+
+    class Stdin:
+        def isatty(self):
+            return False
+
+        @property
+        def buffer(self):
+            return self
+
+        def __iter__(self):
+            for i in range(1_000_000):
+                pulled.append(i)
+                yield f"text {i}\n".encode()
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    texts = _texts(build_parser().parse_args(["predict", "-", "--lines"]))
+    assert [next(texts), next(texts)] == ["text 0", "text 1"] and len(pulled) == 2
