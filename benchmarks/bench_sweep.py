@@ -35,7 +35,8 @@ def sweep_configs(data: Path, home: Path, presets: list[str], settings: list[str
     from tasks.config import build_config
     from tasks.sweep import grid_points, point_label, point_overrides
 
-    sources = {"glove": {"url": (data / "glove.6B.zip").as_uri(), "sha256": SHA256["glove.6B.zip"]},
+    # size and mirrors cleared: they describe the published archive, not this repack
+    sources = {"glove": {"url": (data / "glove.6B.zip").as_uri(), "sha256": SHA256["glove.6B.zip"], "size": None, "mirrors": []},
                "corpus_source": {"url": (data / "20news-bydate.tar.gz").as_uri(), "sha256": SHA256["20news-bydate.tar.gz"],
                                  "filename": "20news-bydate.tar.gz"}}
     grid = {"preset": presets, "corpus.strip": [list(SETTINGS[s]) for s in settings]}
