@@ -30,16 +30,19 @@ sys.path.insert(0, str(REPO))
 from benchmarks.bench_train import SETTINGS, SHA256, log, sha256, tfidf_baselines  # noqa: E402
 
 
-def sweep_configs(data: Path, home: Path, presets: list[str], settings: list[str], overrides: list[str]) -> tuple[dict, dict]:
-    """(label -> PipelineConfig, grid) for presets x settings on the local archives."""
+def sweep_configs(data: Path, home: Path, presets: list[str], settings: list[str], overrides: list[str],
+                  extra_grid: list[str] = ()) -> tuple[dict, dict]:
+    """(label -> PipelineConfig, grid) for presets x settings (x any --grid KEY=V1,V2) on the local archives."""
     from tasks.config import build_config
-    from tasks.sweep import grid_points, point_label, point_overrides
+    from tasks.sweep import grid_points, parse_grid_item, point_label, point_overrides
 
     # size and mirrors cleared: they describe the published archive, not this repack
     sources = {"glove": {"url": (data / "glove.6B.zip").as_uri(), "sha256": SHA256["glove.6B.zip"], "size": None, "mirrors": []},
                "corpus_source": {"url": (data / "20news-bydate.tar.gz").as_uri(), "sha256": SHA256["20news-bydate.tar.gz"],
                                  "filename": "20news-bydate.tar.gz"}}
     grid = {"preset": presets, "corpus.strip": [list(SETTINGS[s]) for s in settings]}
+    for item in extra_grid:
+        grid.update(parse_grid_item(item))
     configs = {point_label(p): build_config([{"sources": sources}], [*overrides, *point_overrides(p)], p["preset"], str(home))
                for p in grid_points(grid)}
     return configs, grid
@@ -74,8 +77,8 @@ def readme_rows(result: dict) -> list[str]:
         text = "as distributed" if setting == "distributed" else "stripped"
         for row in result["sweep"]["table"]:
             if result["config_setting"][row["config"]] == setting:
-                preset = result["config_preset"][row["config"]]
-                lines.append(f"| {text} | {preset} preset | {spread(row, 'accuracy')} | {spread(row, 'macro_f1')} | "
+                model = f"{result['config_preset'][row['config']]} preset" + result["config_extra"].get(row["config"], "")
+                lines.append(f"| {text} | {model} | {spread(row, 'accuracy')} | {spread(row, 'macro_f1')} | "
                              f"{spread(row, 'lstm_accuracy')} | {spread(row, 'val_accuracy')} | {row['seconds_per_epoch']:.1f} |")
         for name, label in (("tfidf_linearsvc", "TF-IDF + LinearSVC"), ("tfidf_logreg", "TF-IDF + logistic regression")):
             b = result["baselines"].get(setting, {}).get(name)
@@ -91,6 +94,8 @@ def main() -> int:
     parser.add_argument("--presets", default="default,seed")
     parser.add_argument("--settings", default="distributed,stripped")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="more values to try (settings are chosen on the validation accuracy, never on the test split)")
     parser.add_argument("--data-home", type=Path, default=REPO / "benchmarks" / ".home")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_sweep.json")
     args = parser.parse_args()
@@ -100,7 +105,7 @@ def main() -> int:
         if sha256(args.data / name) != expected:
             raise SystemExit(f"{args.data / name}: not the archive of shared/data/README.md")
     presets, settings, args.data = args.presets.split(","), args.settings.split(","), args.data.resolve()
-    configs, grid = sweep_configs(args.data, args.data_home, presets, settings, args.set)
+    configs, grid = sweep_configs(args.data, args.data_home, presets, settings, args.set, args.grid)
 
     from flows.sweep import sweep
     from storage.artifacts import ArtifactStore
@@ -115,6 +120,8 @@ def main() -> int:
         "settings": settings, "sweep": summary, "baselines": {},
         "config_setting": {label: setting_of(c.corpus.strip) for label, c in configs.items()},
         "config_preset": {label: c.train.preset for label, c in configs.items()},
+        "config_extra": {label: "".join(f", {part}" for part in label.split(" ")
+                                        if not part.startswith(("preset=", "corpus.strip="))) for label in configs},
     }
     for setting in settings:
         run = next(r for r in summary["runs"] if result["config_setting"][r["config"]] == setting)
