@@ -123,7 +123,7 @@ class TokenizeConfig(_Frozen):
         "head", description="Which words a longer document keeps: head (its first max_length), tail (its last) or both "
                             "(half from each end).")
     split_contractions: StrictBool = Field(
-        False, description="Split English contractions as GloVe's tokenizer did (\"don't\" -> \"do n't\", \"it's\" -> "
+        True, description="Split English contractions as GloVe's tokenizer did (\"don't\" -> \"do n't\", \"it's\" -> "
                            "\"it 's\"): words GloVe has vectors for. false: Keras's Tokenizer exactly.")
 
 
@@ -177,8 +177,9 @@ class TrainConfig(_Frozen):
     validation: Literal["latest", "random"] = Field(
         "latest", description="Which slice: latest = each group's latest posts (highest article numbers, or the last "
                               "rows of a table), like 20news-bydate's later test split; random = a seeded random one.")
-    refit: StrictBool = Field(False, description="After training, train again on all training documents (the "
-                                                 "validation slice too) for the best epoch's number of epochs.")
+    refit: StrictBool = Field(True, description="After training, train again on all training documents (the "
+                                                "validation slice too) for the best epoch's number of epochs: the "
+                                                "latest posts, nearest to a later test split, are learned too.")
     patience: NonNegative = Field(5, description="Epochs tolerated without a lower validation loss (of the product of "
                                                  "experts) before training stops; the best epoch's weights are kept.")
     seed: Seed = Field(1337, description="Seed of the weights, the validation slice and the batch order.")
