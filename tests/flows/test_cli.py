@@ -31,7 +31,10 @@ def test_console_script_runs_help():
 
 
 @pytest.mark.parametrize("argv", [["frobnicate"], ["run", "--until", "nowhere"], ["run", "train.epochs=many"],
-                                  ["run", "no_such_section.x=1"], ["run", "train.epochs"], ["run", "-c", "missing.toml"]])
+                                  ["run", "no_such_section.x=1"], ["run", "train.epochs"], ["run", "-c", "missing.toml"],
+                                  ["sweep", "--grid", "train.lstm_units"], ["sweep", "--grid", "missing.toml"],
+                                  ["sweep", "--grid", "train.no_such_field=1,2"], ["sweep", "--seeds", "0"],
+                                  ["sweep", "--grid", "train.seed=1,2"]])
 def test_usage_and_config_errors_exit_2_with_one_line(argv, capsys):
     try:
         code = main(argv)

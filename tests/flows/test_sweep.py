@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from flows.cli import EXIT_OK, EXIT_USAGE, main
+from flows.cli import EXIT_OK, main
 from storage.artifacts import ArtifactStore
 from tasks.sweep import RUNS, TABLE, grid_points, parse_grid_item, point_label, point_overrides
 from tests.flows.conftest import tiny_config_dict
@@ -57,16 +57,3 @@ def test_two_configs_by_two_seeds_give_four_runs_one_table_and_a_rerun_is_all_ca
     out = capsys.readouterr().out
     assert "train.lstm_units=4" in out and "±" in out
     assert "8/8 train/evaluate steps Cached, 6/6 data steps Cached, table Cached" in out and ref.uri in out
-
-
-@pytest.mark.parametrize("argv", [["sweep", "--grid", "train.lstm_units"], ["sweep", "--grid", "missing.toml"],
-                                  ["sweep", "--grid", "train.no_such_field=1,2"], ["sweep", "--seeds", "0"],
-                                  ["sweep", "--grid", "train.seed=1,2"]])
-def test_sweep_usage_errors_exit_2_with_one_line(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    assert code == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip()
