@@ -41,6 +41,30 @@ def bucket_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def batch_width(lengths: np.ndarray, max_length: int, multiple: int = 1) -> int:
+    """The width pad_batch gives a batch of rows of these lengths."""
+    width = max(int(min(lengths.max(initial=0), max_length)), 1)
+    return min(max(max_length, 1), -(-width // multiple) * multiple) if multiple > 1 else width
+
+
+def distinct_first_widths(batches: list[np.ndarray], lengths: np.ndarray, max_length: int, multiple: int = 1) -> list[np.ndarray]:
+    """`batches` with the second one swapped for the next batch of another width, if the first two are as wide.
+
+    Keras (TensorFlow backend) builds a PyDataset's input signature from its first two batches and fixes every
+    dimension on which they agree: two batches of one width would make every later, narrower batch an error.
+    """
+    widths = [batch_width(lengths[b], max_length, multiple) for b in batches[:2]]
+    if len(widths) < 2 or widths[0] != widths[1]:
+        return batches
+    other = next((i for i in range(2, len(batches)) if batch_width(lengths[batches[i]], max_length, multiple) != widths[0]),
+                 None)
+    if other is None:  # every batch is as wide: the fixed width is right
+        return batches
+    batches = list(batches)
+    batches[1], batches[other] = batches[other], batches[1]
+    return batches
+
+
 def length_multiple() -> int:
     """JAX compiles once per batch shape: round widths up so a few dozen shapes cover all batches."""
     return 64 if keras.config.backend() == "jax" else 1
@@ -177,7 +201,8 @@ class StreamedBatches(keras.utils.PyDataset):
             cut = len(sequences) if last else len(sequences) - len(sequences) % self.batch_size
             lengths = np.array([min(len(s), self.max_length) for s in sequences[:cut]], dtype=np.int64)
             window_labels = np.asarray(labels[:cut], dtype=np.int32)
-            for batch in bucket_batches(lengths, self.batch_size, rng, self.pool):
+            batches = bucket_batches(lengths, self.batch_size, rng, self.pool)
+            for batch in distinct_first_widths(batches, lengths, self.max_length, self.multiple) if start == 0 else batches:
                 yield self._pad([sequences[i] for i in batch], window_labels[batch])
             carry = (sequences[cut:], labels[cut:])
 

@@ -117,7 +117,7 @@ def test_training_reports_each_batch_through_the_progress_logger(tmp_path):
     logger.setLevel(logging.INFO)
     try:
         tokens, embeddings, _ = publish_inputs(str(tmp_path))
-        train.fn(tiny_config(epochs=2), tokens, embeddings, data_home=str(tmp_path))
+        train.fn(tiny_config(epochs=2, refit=False), tokens, embeddings, data_home=str(tmp_path))  # one training's batches
     finally:
         logger.removeHandler(collect)
         logger.setLevel(level)

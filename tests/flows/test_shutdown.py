@@ -103,7 +103,8 @@ def test_sigterm_in_a_retry_after_sleep_exits_143_within_5s_stops_the_api_server
 def test_sigint_during_training_exits_130_within_5s_and_the_rerun_resumes_from_the_last_epoch(
         tiny_sources, home, tmp_path, subprocess_env):
     config = tiny_config_dict(tiny_sources, home)
-    config["train"].update(epochs=20, patience=100)  # epochs after the first take ~0.3 s each
+    # epochs after the first take ~0.3 s each; no refit, so every "epoch i/20" line is the first training's
+    config["train"].update(epochs=20, patience=100, refit=False)
     child = start_cli(tmp_path, "stopped", config, subprocess_env, "run")
     wait_for_line(child, tmp_path / "stopped.log", "epoch 1/20")
     assert stop_and_time(child, signal.SIGINT) < 5

@@ -51,6 +51,31 @@ def test_streamed_batches_hold_every_kept_row_once_with_mixed_labels_and_a_fixed
     assert all(np.array_equal(p[0]["ids"], first[i][0]["ids"]) for p, i in zip(peeked, [1, 0, 1, 2], strict=True))
 
 
+def test_an_epochs_first_two_batches_differ_in_width_so_keras_fixes_no_width(tmp_path):
+    """Keras (TF) takes its input signature from the first two batches: most documents here are cut to
+    max_length, so two full-width batches would come first for many seeds, and a narrower one would then fail."""
+    from storage.checkpoints import CheckpointDir
+    from tasks.model import StreamedBatches, fit_classifier
+    from tasks.model.batches import Rows
+
+    sequences, labels, matrix = _mostly_long_sequences()
+    rows = Rows.in_memory(sequences, labels, chunk_rows=16)
+    for seed in range(20):
+        data = StreamedBatches(rows, np.ones(len(rows), dtype=bool), batch_size=8, max_length=12, seed=seed)
+        assert data[0][0]["ids"].shape[1] != data[1][0]["ids"].shape[1], seed
+    fit_classifier(tiny_config(epochs=2, batch_size=8, refit=True), sequences, labels, matrix, 3, 12, CheckpointDir(tmp_path))
+
+
+def _mostly_long_sequences(n: int = 96):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 3
+    sequences = [np.concatenate([[1 + label], rng.integers(4, 30, size=30 if i % 12 else 3)]).astype(np.int32)
+                 for i, label in enumerate(labels)]
+    matrix = rng.normal(0, 0.5, size=(30, 6)).astype(np.float32)
+    matrix[0] = 0
+    return sequences, labels, matrix
+
+
 def publish_row_grouped_inputs(home: str, rows_per_group: int = 24):
     """The tiny task's corpus written in many small row groups (so tokens has them too), its tokens and a matrix."""
     from tasks.tokens import tokens
