@@ -202,7 +202,9 @@ class StreamedBatches(keras.utils.PyDataset):
             lengths = np.array([min(len(s), self.max_length) for s in sequences[:cut]], dtype=np.int64)
             window_labels = np.asarray(labels[:cut], dtype=np.int32)
             batches = bucket_batches(lengths, self.batch_size, rng, self.pool)
-            for batch in distinct_first_widths(batches, lengths, self.max_length, self.multiple) if start == 0 else batches:
+            if start == 0 and self.epoch == 0:  # what Keras peeks at, before any set_epoch
+                batches = distinct_first_widths(batches, lengths, self.max_length, self.multiple)
+            for batch in batches:
                 yield self._pad([sequences[i] for i in batch], window_labels[batch])
             carry = (sequences[cut:], labels[cut:])
 
