@@ -1,12 +1,18 @@
 """How much each validation slice looks like 20news-bydate's test split, measured by shared threads.
 
     .venv/bin/python benchmarks/bench_slices.py [--data ../shared/data] [--out benchmarks/results/bench_slices.json]
+        [--sweeps benchmarks/results/cand_*.json ...]
 
 A thread is a post's Subject without its "Re:" prefixes, within its group. For each validation slice the
 train step can hold out (train.validation = latest or random, 10%, seed 1337), the share of its posts whose
 thread also has a post among the training posts beside it; for the test split, the share whose thread has
 a post in the training split. A slice that shares more threads than the test split flatters the words of a
 thread (names, subjects, quoted lines), which a later test split mostly does not repeat.
+
+--sweeps: bench_sweep.py result files whose runs trained with refit off (so their models never saw the slice);
+each run's model is scored again on the latest slice split in two, the posts that continue a thread seen in
+training and those that start a new one (the test split is not read). Per config: mean and sample standard
+deviation over the runs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from storage.artifacts import ArtifactStore  # noqa: E402
+from storage.schemas import SEQUENCES  # noqa: E402
 from tasks.model.training import validation_split  # noqa: E402
 from tasks.train import posting_order  # noqa: E402
 
@@ -51,10 +59,46 @@ def shared(posts: list[tuple[str, str]], beside: list[tuple[str, str]]) -> float
     return float(np.mean([post in known for post in posts]))
 
 
+def rescore(sweep_file: Path, train_threads: dict[str, str]) -> dict[str, dict]:
+    """Each refit-off run of a sweep result, on the latest slice: accuracy on continuing and on new threads."""
+    from tasks.model.expert_product import product_probabilities
+    from tasks.model.model import expert_probabilities, load_model
+
+    sweep = json.loads(sweep_file.read_text())["sweep"]
+    store, tokens, rows = ArtifactStore(sweep["data_home"]), {}, defaultdict(list)
+    for run in sweep["runs"]:
+        ref = store.find("train", run["steps"]["train"]["key"])
+        manifest = store.read_manifest(ref)
+        if manifest["params"]["refit"]:
+            continue
+        source = next(store.find(u["step"], u["key"]) for u in manifest["upstream"] if u["step"] == "tokens")
+        if source.key not in tokens:
+            table = store.read_parquet(source, "sequences.parquet", SEQUENCES).to_pandas()
+            table = table[table.split == "train"].reset_index(drop=True)
+            thread = [(doc.split("/")[1], train_threads[doc]) for doc in table.doc_id]
+            tokens[source.key] = ([np.asarray(x) for x in table.ids], table.label.to_numpy(), thread,
+                                  posting_order(list(table.doc_id)))
+        sequences, labels, thread, order = tokens[source.key]
+        fit, val = validation_split(labels, 0.1, manifest["params"]["seed"], "latest", order)
+        seen = {thread[i] for i in fit}
+        new = np.array([thread[i] not in seen for i in val])
+        classifier = load_model(store.local_file(ref, "model.keras"))
+        weights = np.asarray(classifier.get_layer("expert_product").expert_weights)
+        experts = expert_probabilities(classifier, [sequences[i] for i in val], max(len(x) for x in sequences))
+        hit = product_probabilities(experts, weights).argmax(-1) == labels[val]
+        lstm_hit = experts[:, 0].argmax(-1) == labels[val]
+        rows[run["config"]].append({"continuing": hit[~new].mean(), "new": hit[new].mean(),
+                                    "new_lstm": lstm_hit[new].mean(), "new_share": new.mean()})
+    return {config: {f"{name}_{stat}": float(fn([r[name] for r in runs])) for name in runs[0]
+                     for stat, fn in (("mean", np.mean), ("std", lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0))}
+            | {"runs": len(runs)} for config, runs in rows.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_slices.json")
+    parser.add_argument("--sweeps", type=Path, nargs="*", default=[], help="bench_sweep.py result files (refit off)")
     args = parser.parse_args()
     split = threads(args.data / "20news-bydate.tar.gz")
     train, test = split["train"], split["test"]
@@ -67,6 +111,11 @@ def main() -> None:
     for mode in ("latest", "random"):
         fit, val = validation_split(labels, 0.1, 1337, mode, order)
         result[f"{mode}_slice_shares_thread_with_fit"] = shared([posts[i] for i in val], [posts[i] for i in fit])
+    if args.sweeps:
+        result["command"] += " --sweeps " + " ".join(f"benchmarks/results/{f.name}" for f in args.sweeps)
+        by_doc = {f"train/{g}/{name}": t for g, name, t in train}
+        result["latest_slice_by_thread"] = {f"{f.name}: {config}": row for f in args.sweeps
+                                            for config, row in rescore(f, by_doc).items()}
     print(json.dumps(result, indent=1))
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
