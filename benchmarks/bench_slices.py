@@ -59,13 +59,14 @@ def shared(posts: list[tuple[str, str]], beside: list[tuple[str, str]]) -> float
     return float(np.mean([post in known for post in posts]))
 
 
-def rescore(sweep_file: Path, train_threads: dict[str, str]) -> dict[str, dict]:
-    """Each refit-off run of a sweep result, on the latest slice: accuracy on continuing and on new threads."""
-    from tasks.model.expert_product import product_probabilities
+def slice_predictions(sweep_file: Path):
+    """Each refit-off run of a sweep result, scored on the latest validation slice (the test split is not read):
+    yields (config, seed, slice document ids, labels, experts' probabilities (documents, experts, classes), expert
+    weights). Shared with benchmarks/bench_members.py."""
     from tasks.model.model import expert_probabilities, load_model
 
     sweep = json.loads(sweep_file.read_text())["sweep"]
-    store, tokens, rows = ArtifactStore(sweep["data_home"]), {}, defaultdict(list)
+    store, tokens = ArtifactStore(sweep["data_home"]), {}
     for run in sweep["runs"]:
         ref = store.find("train", run["steps"]["train"]["key"])
         manifest = store.read_manifest(ref)
@@ -75,22 +76,36 @@ def rescore(sweep_file: Path, train_threads: dict[str, str]) -> dict[str, dict]:
         if source.key not in tokens:
             table = store.read_parquet(source, "sequences.parquet", SEQUENCES).to_pandas()
             table = table[table.split == "train"].reset_index(drop=True)
-            thread = [(doc.split("/")[1], train_threads[doc]) for doc in table.doc_id]
-            tokens[source.key] = ([np.asarray(x) for x in table.ids], table.label.to_numpy(), thread,
+            tokens[source.key] = ([np.asarray(x) for x in table.ids], table.label.to_numpy(), list(table.doc_id),
                                   posting_order(list(table.doc_id)))
-        sequences, labels, thread, order = tokens[source.key]
+        sequences, labels, docs, order = tokens[source.key]
         fit, val = validation_split(labels, 0.1, manifest["params"]["seed"], "latest", order)
-        seen = {thread[i] for i in fit}
-        new = np.array([thread[i] not in seen for i in val])
         classifier = load_model(store.local_file(ref, "model.keras"))
         weights = np.asarray(classifier.get_layer("expert_product").expert_weights)
         experts = expert_probabilities(classifier, [sequences[i] for i in val], max(len(x) for x in sequences))
-        hit = product_probabilities(experts, weights).argmax(-1) == labels[val]
-        lstm_hit = experts[:, 0].argmax(-1) == labels[val]
-        rows[run["config"]].append({"continuing": hit[~new].mean(), "new": hit[new].mean(),
-                                    "new_lstm": lstm_hit[new].mean(), "new_share": new.mean()})
-    return {config: {f"{name}_{stat}": float(fn([r[name] for r in runs])) for name in runs[0]
-                     for stat, fn in (("mean", np.mean), ("std", lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0))}
+        yield run["config"], manifest["params"]["seed"], [docs[i] for i in val], labels[val], experts, weights, \
+            {docs[i] for i in fit}
+
+
+def mean_std(values) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def rescore(sweep_file: Path, train_threads: dict[str, str]) -> dict[str, dict]:
+    """Each refit-off run of a sweep result, on the latest slice: accuracy on continuing and on new threads."""
+    from tasks.model.expert_product import product_probabilities
+
+    rows = defaultdict(list)
+    for config, _, docs, labels, experts, weights, fit_docs in slice_predictions(sweep_file):
+        thread = lambda doc: (doc.split("/")[1], train_threads[doc])  # noqa: E731
+        seen = {thread(doc) for doc in fit_docs}
+        new = np.array([thread(doc) not in seen for doc in docs])
+        hit = product_probabilities(experts, weights).argmax(-1) == labels
+        lstm_hit = experts[:, 0].argmax(-1) == labels
+        rows[config].append({"continuing": hit[~new].mean(), "new": hit[new].mean(),
+                             "new_lstm": lstm_hit[new].mean(), "new_share": new.mean()})
+    return {config: {f"{name}_{stat}": value for name in runs[0]
+                     for stat, value in zip(("mean", "std"), mean_std([r[name] for r in runs]), strict=True)}
             | {"runs": len(runs)} for config, runs in rows.items()}
 
 

@@ -284,3 +284,20 @@ class ExpertProduct(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "experts": self.experts}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberMean(layers.Layer):
+    """Several models' stacked expert probabilities [(batch, experts, classes), ...] -> their normalised geometric
+    mean, expert by expert (batch, experts, classes): an ensemble of same-config models trained with different seeds.
+
+    The geometric mean (not the arithmetic) keeps the product of experts a product: ExpertProduct over the means
+    equals the geometric mean of the members' own products, with the same expert weights.
+    """
+
+    def call(self, stacks):
+        logs = [ops.log(ops.clip(stack, 1e-7, 1.0)) for stack in stacks]
+        return ops.softmax(sum(logs) / len(logs), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]

@@ -21,6 +21,7 @@ from tasks.model.layers import (
     LastValidStep,
     MaskedAttentionPool,
     MaskedMaxMeanPool,
+    MemberMean,
     MergeSteps,
     ReverseWithinLength,
 )
@@ -79,6 +80,22 @@ def build_model(cfg: TrainConfig, matrix: np.ndarray, n_classes: int,
     training_model = keras.Model(inputs, stacked, name="newsgroups_experts")
     combined = experts[0] if len(experts) == 1 else ExpertProduct(len(experts), name="expert_product")(stacked)
     return training_model, keras.Model(inputs, combined, name=f"newsgroups_{cfg.architecture}")
+
+
+def member_mean(members: Sequence[keras.Model], expert_weights: Sequence[float]) -> keras.Model:
+    """One classifier from several of build_model's classifiers (same config, other seeds): each expert is the
+    normalised geometric mean of the members' (MemberMean), combined by ExpertProduct with `expert_weights`.
+    It has the layers expert_probabilities and evaluate read ("experts", "expert_product") and saves as one model."""
+    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    lengths = keras.Input(shape=(), dtype="int32", name="lengths")
+    inputs = {"ids": ids, "lengths": lengths}
+    stacks = [keras.Model(m.inputs, m.get_layer("experts").output, name=f"member_{i + 1}")(inputs)
+              for i, m in enumerate(members)]
+    experts = MemberMean(name="experts")(stacks)
+    product = ExpertProduct(len(expert_weights), name="expert_product")
+    classifier = keras.Model(inputs, product(experts), name=f"{members[0].name}_x{len(members)}")
+    product.expert_weights.assign(np.asarray(expert_weights, dtype="float32"))
+    return classifier
 
 
 def _lstm_features(cfg: TrainConfig, vectors, lengths):

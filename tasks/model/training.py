@@ -129,8 +129,8 @@ def fit_classifier(cfg: TrainConfig, sequences: Sequence[np.ndarray] | Rows, lab
     when each was posted, any increasing key, for cfg.validation "latest"), or Rows (with their own `posted`),
     loaded piece by piece: batches are streamed (StreamedBatches; on the device where they fit, DeviceBatches),
     so host memory does not grow with the number of documents. With cfg.refit, a second training on every
-    document for the best epoch count (tasks.model.refit). Returns (classifier with the best validation weights,
-    per-epoch history, summary); raises ModelInputError, TrainingDiverged, OutOfDeviceMemory or
+    document for the best epoch count, of cfg.refit_members models averaged (tasks.model.refit). Returns (classifier
+    with the best validation weights, or the refit's; per-epoch history; summary); raises ModelInputError, TrainingDiverged, OutOfDeviceMemory or
     TrainingInterrupted (tasks.model.errors).
     """
     log = log or logging.getLogger(PACKAGE)
@@ -175,7 +175,7 @@ def fit_classifier(cfg: TrainConfig, sequences: Sequence[np.ndarray] | Rows, lab
     if getattr(cfg, "refit", False) and history:  # the settings and epoch are chosen: now train on everything
         from tasks.model.refit import refit_on_all
 
-        classifier, summary["refit"] = refit_on_all(cfg, rows, matrix, n_classes, max_length, checkpoints.sub("refit"),
+        classifier, summary["refit"] = refit_on_all(cfg, rows, matrix, n_classes, max_length, checkpoints,
                                                     best_row(history), info, log, should_stop, on_batch)
     return classifier, history, summary
 

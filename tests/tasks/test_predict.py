@@ -75,4 +75,8 @@ def test_predictions_stream_a_chunk_at_a_time_with_the_same_results(run_dir):
     stream = iter_predictions(run_dir[0], lines(), chunk=3)
     first = next(stream)
     assert len(pulled) == 3, "only the first chunk is read before the first prediction"
-    assert [first, *stream] == predict(run_dir[0], texts)
+    streamed, whole = [first, *stream], predict(run_dir[0], texts)
+    assert [p.label for p in streamed] == [p.label for p in whole]
+    # other batch shapes may round differently in the last float bits (oneDNN)
+    np.testing.assert_allclose([list(p.probabilities.values()) for p in streamed],
+                               [list(p.probabilities.values()) for p in whole], atol=1e-6)

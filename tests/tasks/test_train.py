@@ -182,6 +182,28 @@ def test_refit_trains_on_every_document_for_the_best_epoch_count_and_resumes(tmp
     np.testing.assert_allclose(predict_proba(again, sequences[:8], 30), predict_proba(classifier, sequences[:8], 30), atol=1e-5)
 
 
+def test_refit_members_are_other_seeds_averaged_expert_by_expert_and_saved_as_one_model(tmp_path):
+    from tasks.model import expert_probabilities, fit_classifier, load_model, predict_proba
+    from tasks.model.expert_product import product_probabilities
+
+    sequences, labels, matrix = synthetic_sequences(n=90)
+    cfg = tiny_config(epochs=2, refit=True, refit_members=2)
+    classifier, history, summary = fit_classifier(cfg, sequences, labels, matrix, 3, 30, CheckpointDir(tmp_path / "ckpt"))
+    assert summary["refit"]["members"] == 2
+    assert list((tmp_path / "ckpt" / "refit").glob("ckpt-*")) and list((tmp_path / "ckpt" / "refit-2").glob("ckpt-*"))
+    first, second = (predict_proba(classifier.get_layer(f"member_{i}"), sequences, 30) for i in (1, 2))
+    assert first.shape == (90, 2, 3) and not np.allclose(first, second, atol=1e-3), "the members have their own seeds"
+    mean = np.exp((np.log(np.clip(first, 1e-7, 1)) + np.log(np.clip(second, 1e-7, 1))) / 2)
+    experts = expert_probabilities(classifier, sequences, 30)
+    np.testing.assert_allclose(experts, mean / mean.sum(-1, keepdims=True), atol=1e-5)  # normalised geometric mean
+    weights = history[summary["best_epoch"] - 1]["expert_weights"]
+    np.testing.assert_allclose(predict_proba(classifier, sequences, 30), product_probabilities(experts, np.asarray(weights)),
+                               atol=1e-5)
+    classifier.save(tmp_path / "model.keras")
+    np.testing.assert_allclose(predict_proba(load_model(tmp_path / "model.keras"), sequences, 30),
+                               predict_proba(classifier, sequences, 30), atol=1e-6)
+
+
 # -- failures -----------------------------------------------------------------------------------------
 def test_nan_loss_fails_with_training_diverged_and_keeps_no_checkpoint(tmp_path, monkeypatch):
     from tasks.model import training
