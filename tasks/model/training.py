@@ -130,8 +130,8 @@ def fit_classifier(cfg: TrainConfig, sequences: Sequence[np.ndarray] | Rows, lab
     loaded piece by piece: batches are streamed (StreamedBatches; on the device where they fit, DeviceBatches),
     so host memory does not grow with the number of documents. With cfg.refit, a second training on every
     document for the best epoch count, of cfg.refit_members models averaged (tasks.model.refit). Returns (classifier
-    with the best validation weights, or the refit's; per-epoch history; summary); raises ModelInputError, TrainingDiverged, OutOfDeviceMemory or
-    TrainingInterrupted (tasks.model.errors).
+    with the best validation weights, or the refit's; per-epoch history; summary); raises ModelInputError,
+    TrainingDiverged, OutOfDeviceMemory or TrainingInterrupted (tasks.model.errors).
     """
     log = log or logging.getLogger(PACKAGE)
     rows = sequences if isinstance(sequences, Rows) else Rows.in_memory(sequences, labels, posted=order)
