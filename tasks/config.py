@@ -180,7 +180,7 @@ class TrainConfig(_Frozen):
     refit: StrictBool = Field(True, description="After training, train again on all training documents (the "
                                                 "validation slice too) for the best epoch's number of epochs: the "
                                                 "latest posts, nearest to a later test split, are learned too.")
-    refit_members: Count = Field(2, description="Models the refit trains (each with its own seed; the first with "
+    refit_members: Count = Field(3, description="Models the refit trains (each with its own seed; the first with "
                                                 "`seed`), whose experts are averaged (geometric mean): an ensemble "
                                                 "that costs one refit more per member. 1: a single refit model.")
     patience: NonNegative = Field(5, description="Epochs tolerated without a lower validation loss (of the product of "

@@ -5,9 +5,9 @@ in time to a later test split are exactly the ones the first training leaves out
 model on all the training documents, validation slice included, for the best epoch's number of epochs with
 the same schedule, and gives its product the expert weights fitted on the validation slice at that epoch.
 With `refit_members` > 1 it trains that many such models, each with its own seed, and averages their experts
-(tasks.model.model.member_mean): on the validation slice, two refit-off models averaged beat one of them on most
-configurations tried (benchmarks/results/bench_members.json). Each member is resumable like the first training
-(its own checkpoints: `checkpoints.sub("refit")` for the first, "refit-2", ... for the others).
+(tasks.model.model.member_mean): on the validation slice, refit-off models averaged beat one of them on most
+configurations tried, the LSTM expert most (benchmarks/results/bench_members.json). Each member is resumable
+like the first training (its own checkpoints: `checkpoints.sub("refit")` for the first, "refit-2", ... for the others).
 """
 
 from __future__ import annotations

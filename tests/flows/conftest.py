@@ -71,7 +71,7 @@ def tiny_config_dict(tiny_sources: dict, home: str) -> dict:
         "corpus": {"test_fraction": 0.25},
         "glove": {"dim": DIM},
         "tokenize": {"num_words": 200, "max_length": 32},
-        # one refit model: the flows tests are about orchestration; tests/tasks train the two-member default
+        # one refit model: the flows tests are about orchestration; tests/tasks train two members
         "train": {"epochs": 1, "batch_size": 32, "lstm_units": 8, "lstm_max_tokens": 32, "patience": 0, "refit_members": 1},
     }
 
