@@ -10,28 +10,32 @@ so a Keras release that changes this changes training: this test says so first.
 
 from __future__ import annotations
 
-import keras
+import os
+
 import numpy as np
 import pytest
-from keras import ops
 
-from tasks.model.layers import GatedEmbedding
-
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the TensorFlow backend's sparse gradients")
-
-
-class OneHotLookup(GatedEmbedding):
-    """GatedEmbedding computed as one_hot(ids) @ table: the same rows, but a dense gradient for the table."""
-
-    def call(self, ids):
-        return ops.matmul(ops.one_hot(ops.cast(ids, "int32"), self.input_dim), self.embeddings)
+# Keras is imported inside the test, like every test here: importing TensorFlow at collection changes the
+# process's logging and stderr for every test that runs after it.
+pytestmark = pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+                                reason="the TensorFlow backend's sparse gradients")
 
 
-def _first_step(lookup: type[GatedEmbedding], ids: np.ndarray) -> np.ndarray:
-    """How far one Adam step (learning rate 0.05) moves each row of the table."""
+def _first_step(dense: bool, ids: np.ndarray) -> np.ndarray:
+    """How far one Adam step (learning rate 0.05) moves each row of a GatedEmbedding's table: looked up (the
+    layer as it is), or read through one_hot(ids) @ table (the same rows, but a dense gradient for the table)."""
+    import keras
+    from keras import ops
+
+    from tasks.model.layers import GatedEmbedding
+
+    class OneHotLookup(GatedEmbedding):
+        def call(self, ids):
+            return ops.matmul(ops.one_hot(ops.cast(ids, "int32"), self.input_dim), self.embeddings)
+
     keras.utils.set_random_seed(0)
     inputs = keras.Input(shape=(ids.shape[1],), dtype="int32")
-    table = lookup(40, 5, trainable_after=0)
+    table = (OneHotLookup if dense else GatedEmbedding)(40, 5, trainable_after=0)
     pooled = keras.layers.GlobalAveragePooling1D()(table(inputs))
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
     table.embeddings.assign(np.random.default_rng(0).normal(size=(40, 5)).astype("float32"))
@@ -44,7 +48,7 @@ def _first_step(lookup: type[GatedEmbedding], ids: np.ndarray) -> np.ndarray:
 
 def test_keras_adam_moves_a_word_repeated_in_a_batch_further_than_adams_step():
     ids = np.array([[7, 7, 7, 1, 2, 3]], dtype="int32")  # word 7 three times, words 1-3 once
-    dense, sparse = _first_step(OneHotLookup, ids), _first_step(GatedEmbedding, ids)
+    dense, sparse = _first_step(True, ids), _first_step(False, ids)
     np.testing.assert_allclose(dense[[1, 2, 3, 7]], 0.05, rtol=1e-3, err_msg="Adam's first step is the learning rate")
     np.testing.assert_allclose(sparse[[1, 2, 3]], 0.05, rtol=1e-3, err_msg="a word seen once: the same step")
     # three equal slices: sum / sqrt(sum of squares) = 3 / sqrt(3)
