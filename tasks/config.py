@@ -169,7 +169,7 @@ class TrainConfig(_Frozen):
     epochs: Count = Field(20, description="Most passes over the training documents; early stopping may end training "
                                           "sooner (see patience).")
     batch_size: Count = Field(64, description="Documents per training batch (lower it if the GPU runs out of memory).")
-    learning_rate: Real = Field(3e-3, gt=0, description="Adam's (initial) learning rate.")
+    learning_rate: Real = Field(5e-3, gt=0, description="Adam's (initial) learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="constant, or cosine decay to 5% of learning_rate over all epochs.")
     validation_fraction: Fraction = Field(0.1, description="Slice of the TRAIN split held out to fit the expert weights "
