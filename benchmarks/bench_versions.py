@@ -6,7 +6,7 @@
 Seconds per epoch on this shared machine change by 2x from day to day and by 20% from one minute to the next,
 so a figure from another day says little about the code. This runs benchmarks/bench_train.py of `--rev`
 (checked out in a temporary git worktree) and of this working tree one after the other, `--rounds` times,
-each on the default preset only, both texts, `--epochs` epochs, no baselines, no recipe timing; the current
+each on the default preset only, both texts, `--epochs` epochs, the two versions' order swapped every round, no baselines, no recipe timing; the current
 code without refit (the earlier one had none), so both time the same first training. Reported per text:
 every epoch's seconds, and the median over the epochs after the first (the first traces the graphs and
 trains with GloVe frozen) of each version, and their ratio (now / then).
@@ -54,7 +54,8 @@ def main() -> None:
                        capture_output=True)
         try:
             for round_ in range(args.rounds):
-                for version, tree, extra in (("then", then_tree, []), ("now", REPO, ["--set", "refit=false"])):
+                pair = [("then", then_tree, []), ("now", REPO, ["--set", "refit=false"])]
+                for version, tree, extra in pair if round_ % 2 == 0 else pair[::-1]:  # neither always runs first
                     run = bench_train(tree, args.data.resolve(), args.epochs, Path(scratch) / f"{version}.json", extra)
                     for text, seconds in run.items():
                         epochs[version].setdefault(text, []).append(seconds)

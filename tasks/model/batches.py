@@ -115,6 +115,7 @@ class BucketedBatches(keras.utils.PyDataset):
 
 # -- documents as chunks of rows (e.g. Parquet row groups), never all in memory ---------------------------
 Chunk = tuple[np.ndarray, list[np.ndarray], np.ndarray]  # (row numbers, sequences, labels) of some rows
+WINDOW = 32  # pieces read together: what a training epoch shuffles and the validation pass sorts by length
 
 
 class Rows:
@@ -153,6 +154,15 @@ class Rows:
             if mask.any():
                 yield rows[mask], [s for s, m in zip(sequences, mask, strict=True) if m]
 
+    def windows(self, keep: np.ndarray, window: int = WINDOW) -> Iterator[list[np.ndarray]]:
+        """The sequences of the rows where keep[row], in row order, `window` pieces at a time: batches cut from a
+        window are sorted by length across all its pieces (fewer, tighter batches than piece by piece), and memory
+        holds one window, whatever the number of documents."""
+        for start in range(0, self.chunks, window):
+            sequences = [s for _, part in self.select(keep, range(start, min(start + window, self.chunks))) for s in part]
+            if sequences:
+                yield sequences
+
 
 class StreamedBatches(keras.utils.PyDataset):
     """Training batches of the rows of `rows` where keep[row], streamed piece by piece.
@@ -167,7 +177,7 @@ class StreamedBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, rows: Rows, keep: np.ndarray, *, batch_size: int, max_length: int, seed: int, multiple: int = 1,
-                 targets: int = 1, window: int = 32, pool: int = 50):
+                 targets: int = 1, window: int = WINDOW, pool: int = 50):
         super().__init__()
         self.rows, self.keep, self.batch_size, self.max_length = rows, keep, batch_size, max_length
         self.seed, self.multiple, self.targets, self.window, self.pool = seed, multiple, targets, window, pool

@@ -83,9 +83,9 @@ class ExpertWeightsFit(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.batches is not None:  # the slice's batches, built once
             expert_probs = predict_batches(self.model, self.batches)
-        else:  # streamed: rows in ascending order, as self.labels
+        else:  # streamed, a window of pieces at a time: rows in ascending order, as self.labels
             expert_probs = np.concatenate([predict_proba(self.model, seqs, self.max_length)
-                                           for _, seqs in self.rows.select(self.validation)])
+                                           for seqs in self.rows.windows(self.validation)])
         if not np.all(np.isfinite(expert_probs)):  # diverged: DivergenceGuard stops the training
             logs.update(val_loss=math.nan, val_accuracy=math.nan, expert_weights=[], expert_val_accuracy=[])
             return

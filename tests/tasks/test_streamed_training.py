@@ -51,6 +51,18 @@ def test_streamed_batches_hold_every_kept_row_once_with_mixed_labels_and_a_fixed
     assert all(np.array_equal(p[0]["ids"], first[i][0]["ids"]) for p, i in zip(peeked, [1, 0, 1, 2], strict=True))
 
 
+def test_windows_give_the_kept_rows_in_row_order_a_window_of_pieces_at_a_time():
+    """The validation pass predicts a window at a time: its batches are sorted by length across the window's
+    pieces, and its probabilities must line up with the slice's labels, in row order."""
+    rows = label_sorted_rows(n=95, chunk_rows=10)  # 10 pieces, the last one short
+    keep = np.zeros(len(rows), dtype=bool)
+    keep[[0, 9, 10, 33, 57, 58, 94]] = True
+    windows = list(rows.windows(keep, window=4))  # pieces 0-3, 4-7, 8-9
+    assert [[int(s[0]) - 1 for s in w] for w in windows] == [[0, 9, 10, 33], [57, 58], [94]]
+    assert [len(w) for w in rows.windows(keep, window=100)] == [7]
+    assert list(rows.windows(np.zeros(len(rows), dtype=bool))) == []
+
+
 def test_an_epochs_first_two_batches_differ_in_width_so_keras_fixes_no_width(tmp_path):
     """Keras (TF) takes its input signature from the first two batches: most documents here are cut to
     max_length, so two full-width batches would come first for many seeds, and a narrower one would then fail."""
