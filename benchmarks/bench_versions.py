@@ -5,10 +5,10 @@
 
 Seconds per epoch on this shared machine change by 2x from day to day and by 20% from one minute to the next,
 so a figure from another day says little about the code. This runs benchmarks/bench_train.py of `--rev`
-(checked out in a temporary git worktree) and of this working tree one after the other, `--rounds` times,
-each on the default preset only, both texts, `--epochs` epochs, the two versions' order swapped every round, no baselines, no recipe timing; the current
-code without refit (the earlier one had none), so both time the same first training. Reported per text:
-every epoch's seconds, and the median over the epochs after the first (the first traces the graphs and
+(checked out in a temporary git worktree) and of this working tree one after the other, `--rounds` times
+(which goes first alternates), each on the default preset only, both texts, `--epochs` epochs, no baselines,
+no recipe timing; the current code without refit (the earlier one had none), so both time the same first
+training. Reported per text: every epoch's seconds, and the median over the epochs after the first (the first traces the graphs and
 trains with GloVe frozen) of each version, and their ratio (now / then).
 """
 
